@@ -1,0 +1,37 @@
+"""adams_dist: sharded (ZeRO) Adams and Adam-family optimizers for PyTorch.
+
+One engine runs as a drop-in optimizer in one process (CPU, CUDA, MPS) and, under torchrun,
+shards master weights and moments across ranks, averaging gradients internally.
+"""
+
+from .optimizer import ShardedOptimizer
+from .optimizers import (
+    OPTIMIZERS,
+    AdamATan2,
+    Adams,
+    Adams_ZeRO,
+    AdamSRF,
+    AdamW,
+    HomeAdam,
+    HomeAdamEW,
+    create_optimizer,
+)
+from .runtime import init_distributed
+from .spectral import set_heads
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "OPTIMIZERS",
+    "AdamATan2",
+    "AdamSRF",
+    "AdamW",
+    "Adams",
+    "Adams_ZeRO",
+    "HomeAdam",
+    "HomeAdamEW",
+    "ShardedOptimizer",
+    "create_optimizer",
+    "init_distributed",
+    "set_heads",
+]

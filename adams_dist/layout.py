@@ -1,0 +1,118 @@
+"""Where every parameter's optimizer state lives: row shards packed into flat buckets.
+
+Rank r owns a contiguous block of rows of every parameter. Matrices eligible for spectral decay
+are split by rows of their last dim (so each rank holds whole matrix rows, as FSDP2 does); every
+other parameter is split element-wise, which balances small and odd-shaped tensors better. Rows
+are padded up to a multiple of the world size, and a bucket is laid out as
+``[rank-0 section | rank-1 section | ...]`` so that one reduce_scatter / all_gather serves it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .spectral import SpectralShape
+
+
+@dataclass(eq=False)
+class Slot:
+    """One parameter's place in a bucket and the rows this rank owns."""
+
+    param: torch.Tensor
+    index: int  # position over all groups, in order
+    group_index: int
+    spectral: SpectralShape | None
+    row_len: int
+    rows: int
+    rows_per_rank: int
+    offset: int = 0  # element offset of this param inside each rank's section
+    row_start: int = 0  # first global row owned by this rank
+    local_rows: int = 0  # rows owned by this rank (0 on ranks past the end)
+    u_offset: int = 0  # offset of this param's u rows in the bucket's u buffer (spectral only)
+
+    @property
+    def section_numel(self) -> int:
+        return self.rows_per_rank * self.row_len
+
+    @property
+    def local_numel(self) -> int:
+        return self.local_rows * self.row_len
+
+    @property
+    def local_range(self) -> tuple[int, int]:
+        """Element range of this rank's rows inside the flattened parameter."""
+        start = self.row_start * self.row_len
+        return start, start + self.local_numel
+
+
+@dataclass(eq=False)
+class Bucket:
+    """Parameters of one dtype and device that travel together (groups may mix)."""
+
+    dtype: torch.dtype
+    device: torch.device
+    slots: list[Slot] = field(default_factory=list)
+    section_numel: int = 0  # elements per rank, padding included
+    u_numel: int = 0  # u rows per rank over the bucket's spectral slots
+
+
+def make_slot(p: torch.Tensor, index: int, group_index: int, world_size: int, rank: int) -> Slot:
+    shape = SpectralShape.of(p)
+    if shape is not None:
+        row_len = shape.cols
+        rows = p.numel() // row_len
+    else:
+        row_len, rows = 1, p.numel()
+    rows_per_rank = math.ceil(rows / world_size) if rows else 0
+    row_start = min(rank * rows_per_rank, rows)
+    local_rows = max(0, min(rows_per_rank, rows - row_start))
+    return Slot(p, index, group_index, shape, row_len, rows, rows_per_rank,
+                row_start=row_start, local_rows=local_rows)
+
+
+def pack_buckets(slots: list[Slot], bucket_bytes: int, world_size: int) -> list[Bucket]:
+    """Greedily pack slots (in the given order) into buckets of at most ``bucket_bytes`` in total."""
+    buckets: list[Bucket] = []
+    current: dict[tuple[torch.dtype, torch.device], Bucket] = {}
+    for slot in slots:
+        p = slot.param
+        key = (p.dtype, p.device)
+        bucket = current.get(key)
+        size = slot.section_numel * world_size * p.element_size()
+        used = bucket.section_numel * world_size * p.element_size() if bucket else 0
+        if bucket is None or (bucket.slots and used + size > bucket_bytes):
+            bucket = Bucket(p.dtype, p.device)
+            buckets.append(bucket)
+            current[key] = bucket
+        slot.offset = bucket.section_numel
+        bucket.section_numel += slot.section_numel
+        if slot.spectral is not None:
+            slot.u_offset = bucket.u_numel
+            bucket.u_numel += slot.rows_per_rank
+        bucket.slots.append(slot)
+    return buckets
+
+
+def scatter_rows(flat_param: torch.Tensor, bucket_flat: torch.Tensor, slot: Slot, world_size: int) -> None:
+    """Copy a whole flattened parameter into its place in every rank's section of a bucket."""
+    sections = bucket_flat.view(world_size, -1)[:, slot.offset: slot.offset + slot.section_numel]
+    full, rest = divmod(slot.rows, slot.rows_per_rank) if slot.rows_per_rank else (0, 0)
+    n_full = full * slot.section_numel
+    if full:
+        sections[:full].copy_(flat_param[:n_full].view(full, -1))
+    if rest:
+        sections[full, : rest * slot.row_len].copy_(flat_param[n_full:])
+
+
+def gather_rows(bucket_flat: torch.Tensor, slot: Slot, world_size: int, out: torch.Tensor) -> None:
+    """Inverse of scatter_rows: read a parameter's rows from every rank's section into ``out`` (flat)."""
+    sections = bucket_flat.view(world_size, -1)[:, slot.offset: slot.offset + slot.section_numel]
+    full, rest = divmod(slot.rows, slot.rows_per_rank) if slot.rows_per_rank else (0, 0)
+    n_full = full * slot.section_numel
+    if full:
+        out[:n_full].view(full, -1).copy_(sections[:full])
+    if rest:
+        out[n_full:].copy_(sections[full, : rest * slot.row_len])

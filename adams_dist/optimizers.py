@@ -1,0 +1,110 @@
+"""The named optimizers: each is the shared engine with one rule and its published defaults."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .optimizer import ShardedOptimizer
+from .rules import AdamWRule, Atan2Rule, HomeAdamEWRule, HomeAdamRule, SRFRule
+
+
+class Adams_ZeRO(ShardedOptimizer):  # noqa: N801 - name kept from the reference package
+    """Adams: atan2 Adam without epsilon, spectral decay on matrices, scalar decay on the rest.
+
+    Arguments, their order and defaults follow adams-torch 0.0.1; engine options are keyword-only.
+    Unlike the reference, scalar/vector decay also applies when ``weight_decay == 0``.
+    """
+
+    rule = Atan2Rule()
+    uses_spectral_decay = True
+
+    def __init__(self, params: Any, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.95),
+                 weight_decay: float = 0.1, scalar_vector_weight_decay: float = 0.1,
+                 master_dtype: torch.dtype = torch.float32, process_group: Any | None = None, **engine: Any):
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay,
+                        scalar_vector_weight_decay=scalar_vector_weight_decay)
+        super().__init__(params, defaults, master_dtype=master_dtype, process_group=process_group, **engine)
+
+
+Adams = Adams_ZeRO
+
+
+class AdamATan2(ShardedOptimizer):
+    """Adam with atan2 instead of division by ``sqrt(v) + eps``, and decoupled decay ``p *= 1 - lr*wd``.
+
+    Defaults follow the fused CUDA adam-atan2 package (bias correction 1 outside atan2, a = b = 1).
+    adam-atan2-pytorch is ``a=1.27, betas=(0.9, 0.99), bias_correction_in_atan2=True``.
+    """
+
+    rule = Atan2Rule()
+
+    def __init__(self, params: Any, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 weight_decay: float = 0.01, a: float = 1.0, b: float = 1.0,
+                 bias_correction_in_atan2: bool = False, **engine: Any):
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, a=a, b=b,
+                        bias_correction_in_atan2=bias_correction_in_atan2)
+        super().__init__(params, defaults, **engine)
+
+
+class AdamW(ShardedOptimizer):
+    """AdamW (decoupled decay), sharded like every optimizer here."""
+
+    rule = AdamWRule()
+
+    def __init__(self, params: Any, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.01, **engine: Any):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), **engine)
+
+
+class AdamSRF(ShardedOptimizer):
+    """AdamSRF (HomeAdam paper, Algorithm 1): ``m_hat / (v_hat + eps)``, no square root."""
+
+    rule = SRFRule()
+
+    def __init__(self, params: Any, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, **engine: Any):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), **engine)
+
+
+class HomeAdam(ShardedOptimizer):
+    """HomeAdam (Algorithm 2): AdamSRF while ``min(v_hat) >= tau`` over the whole group, else momentum-SGD."""
+
+    rule = HomeAdamRule()
+
+    def __init__(self, params: Any, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, tau: float = 1e-6, weight_decay: float = 0.0, per_tensor: bool = False,
+                 **engine: Any):
+        defaults = dict(lr=lr, betas=betas, eps=eps, tau=tau, weight_decay=weight_decay, per_tensor=per_tensor)
+        super().__init__(params, defaults, **engine)
+
+
+class HomeAdamEW(ShardedOptimizer):
+    """HomeAdamEW (Algorithm 3): the HomeAdam switch decided per element."""
+
+    rule = HomeAdamEWRule()
+
+    def __init__(self, params: Any, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, tau: float = 1e-6, weight_decay: float = 0.0, **engine: Any):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, tau=tau, weight_decay=weight_decay), **engine)
+
+
+OPTIMIZERS: dict[str, type[ShardedOptimizer]] = {
+    "adams": Adams_ZeRO,
+    "adamatan2": AdamATan2,
+    "adamw": AdamW,
+    "adamsrf": AdamSRF,
+    "homeadam": HomeAdam,
+    "homeadamew": HomeAdamEW,
+}
+
+
+def create_optimizer(name: str, params: Any, **hparams: Any) -> ShardedOptimizer:
+    """Build an optimizer by name (case-insensitive; '-' and '_' ignored), e.g. ``"adams"`` or ``"AdamW"``."""
+    key = str(name).lower().replace("-", "").replace("_", "")
+    if key == "adamszero":
+        key = "adams"
+    if key not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[key](params, **hparams)

@@ -1,0 +1,169 @@
+"""Element-wise update rules over lists of flat fp32 shards.
+
+A rule sees only flat tensors (this rank's piece of each parameter's master weights, averaged
+gradient and moments) plus per-tensor step counts. It never sees Parameter objects or process
+groups; the one cross-shard quantity a rule may need (HomeAdam's min of v_hat) is requested
+through ``reduce_min``, which the engine backs with a MIN all-reduce.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+Tensors = list[torch.Tensor]
+ReduceMin = Callable[[torch.Tensor], torch.Tensor]
+
+
+def update_moments(grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, beta1: float, beta2: float) -> None:
+    """m = b1*m + (1-b1)*g ; v = b2*v + (1-b2)*g^2."""
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+
+
+def bias_corrections(steps: Sequence[float], beta1: float, beta2: float) -> tuple[list[float], list[float]]:
+    return [1.0 - beta1**t for t in steps], [1.0 - beta2**t for t in steps]
+
+
+class Rule:
+    """An element-wise update: moments in, ``params -= update`` out."""
+
+    name = ""
+    state_names: tuple[str, ...] = ("exp_avg", "exp_avg_sq")
+    hyperparams: tuple[str, ...] = ()
+
+    def validate(self, group: dict[str, Any]) -> None:
+        eps = group.get("eps")
+        if eps is not None and not (isinstance(eps, (int, float)) and eps >= 0.0):
+            raise ValueError(f"Invalid eps value: {eps!r} (must be a float >= 0)")
+
+    def apply(self, params: Tensors, grads: Tensors, state: dict[str, Tensors], steps: Sequence[float],
+              group: dict[str, Any], lr: float, reduce_min: ReduceMin) -> None:
+        raise NotImplementedError
+
+
+class Atan2Rule(Rule):
+    """p -= lr * k_out * a * atan2(m * k_in, b * sqrt(v / c2)); no epsilon.
+
+    Bias correction 1 sits outside atan2 by default (k_out = 1/c1, the Adams and fused adam-atan2
+    convention); ``bias_correction_in_atan2`` moves it inside (adam-atan2-pytorch).
+    """
+
+    name = "atan2"
+    hyperparams = ("a", "b", "bias_correction_in_atan2")
+
+    def apply(self, params, grads, state, steps, group, lr, reduce_min):
+        beta1, beta2 = group["betas"]
+        a, b = float(group.get("a", 1.0)), float(group.get("b", 1.0))
+        inside = bool(group.get("bias_correction_in_atan2", False))
+        exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
+        update_moments(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
+        c1, c2 = bias_corrections(steps, beta1, beta2)
+        denoms = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denoms, [math.sqrt(c) / b for c in c2])
+        nums = torch._foreach_div(exp_avgs, c1) if inside else exp_avgs
+        for num, den in zip(nums, denoms):
+            torch.atan2(num, den, out=den)
+        scale = [-lr * a] * len(params) if inside else [-lr * a / c for c in c1]
+        torch._foreach_mul_(denoms, scale)
+        torch._foreach_add_(params, denoms)
+
+
+class AdamWRule(Rule):
+    """p -= lr * m_hat / (sqrt(v_hat) + eps)."""
+
+    name = "adamw"
+    hyperparams = ("eps",)
+
+    def apply(self, params, grads, state, steps, group, lr, reduce_min):
+        beta1, beta2 = group["betas"]
+        exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
+        update_moments(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
+        c1, c2 = bias_corrections(steps, beta1, beta2)
+        denoms = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denoms, [math.sqrt(c) for c in c2])
+        torch._foreach_add_(denoms, float(group["eps"]))
+        torch._foreach_addcdiv_(params, exp_avgs, denoms, [-lr / c for c in c1])
+
+
+def _srf_and_sgd_updates(exp_avgs: Tensors, exp_avg_sqs: Tensors, c1: list[float], c2: list[float],
+                         eps: float) -> tuple[Any, Any]:
+    """(m_hat / (v_hat + eps), v_hat) for every tensor."""
+    v_hats = torch._foreach_div(exp_avg_sqs, c2)
+    denoms = torch._foreach_add(v_hats, eps)
+    m_hats = torch._foreach_div(exp_avgs, c1)
+    return torch._foreach_div(m_hats, denoms), v_hats
+
+
+class SRFRule(Rule):
+    """AdamSRF (HomeAdam Algorithm 1): p -= lr * m_hat / (v_hat + eps), no square root."""
+
+    name = "srf"
+    hyperparams = ("eps",)
+
+    def apply(self, params, grads, state, steps, group, lr, reduce_min):
+        beta1, beta2 = group["betas"]
+        exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
+        update_moments(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
+        c1, c2 = bias_corrections(steps, beta1, beta2)
+        updates, _ = _srf_and_sgd_updates(exp_avgs, exp_avg_sqs, c1, c2, float(group["eps"]))
+        torch._foreach_add_(params, updates, alpha=-lr)
+
+
+class _TauRule(Rule):
+    def validate(self, group):
+        super().validate(group)
+        tau = group.get("tau")
+        if not (isinstance(tau, (int, float)) and not isinstance(tau, bool) and tau > 0.0):
+            raise ValueError(f"Invalid tau value: {tau!r} (must be a float > 0)")
+
+
+class HomeAdamRule(_TauRule):
+    """HomeAdam (Algorithm 2): SRF step when min(v_hat) >= tau, else momentum-SGD (p -= lr * m_hat).
+
+    The min runs over every element of the whole param group on every rank, so one element with a
+    zero gradient history sends the group to momentum-SGD; ``per_tensor=True`` decides per tensor.
+    """
+
+    name = "homeadam"
+    hyperparams = ("eps", "tau", "per_tensor")
+
+    def apply(self, params, grads, state, steps, group, lr, reduce_min):
+        beta1, beta2 = group["betas"]
+        exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
+        update_moments(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
+        c1, c2 = bias_corrections(steps, beta1, beta2)
+        eps, tau = float(group["eps"]), float(group["tau"])
+        srf, v_hats = _srf_and_sgd_updates(exp_avgs, exp_avg_sqs, c1, c2, eps)
+        inf = torch.tensor(math.inf)
+        local_mins = torch.stack([v.min().cpu() if v.numel() else inf for v in v_hats]) if v_hats else inf[None]
+        if group.get("per_tensor", False):
+            use_srf = (reduce_min(local_mins) >= tau).tolist()
+        else:
+            use_srf = [bool(reduce_min(local_mins.min().reshape(1)) >= tau)] * len(params)
+        for p, upd, m, c, srf_ok in zip(params, srf, exp_avgs, c1, use_srf):
+            if srf_ok:
+                p.add_(upd, alpha=-lr)
+            else:
+                p.add_(m, alpha=-lr / c)
+
+
+class HomeAdamEWRule(_TauRule):
+    """HomeAdamEW (Algorithm 3): the HomeAdam switch made per element."""
+
+    name = "homeadamew"
+    hyperparams = ("eps", "tau")
+
+    def apply(self, params, grads, state, steps, group, lr, reduce_min):
+        beta1, beta2 = group["betas"]
+        exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
+        update_moments(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
+        c1, c2 = bias_corrections(steps, beta1, beta2)
+        tau = float(group["tau"])
+        srf, v_hats = _srf_and_sgd_updates(exp_avgs, exp_avg_sqs, c1, c2, float(group["eps"]))
+        for p, upd, v_hat, m, c in zip(params, srf, v_hats, exp_avgs, c1):
+            p.sub_(torch.where(v_hat >= tau, upd, m / c), alpha=lr)

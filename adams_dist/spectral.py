@@ -1,0 +1,127 @@
+"""Decoupled spectral weight decay: one power-iteration step per matrix (per head), on row shards.
+
+For W (M x N) and a persistent left vector u the reference computes
+``v = normalize(W^T u); w = W v; u <- normalize(w); s = <u, w>; W -= lr*wd*sqrt(M) * s * u v^T``.
+Since v does not depend on the scale of u and ``s * u = W v``, the decay is
+``lr*wd*sqrt(M) * (W v) v^T`` and u may be stored unnormalised as ``u <- W v``. That makes the
+work separable by rows: each rank sums ``W_r^T u_r`` over its rows (one all-reduce for all
+matrices), then computes ``w_r = W_r v`` and decays its own rows. No rank ever forms M x N.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+_HEADS_ATTR = "_adams_dist_heads"
+
+
+def set_heads(param: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Treat a 2-D ``(n_heads*M, N)`` weight as ``n_heads`` matrices ``(M, N)`` for spectral decay.
+
+    The parameter keeps its shape; only the optimizer sees the heads. Returns ``param``.
+    Call it before creating the optimizer.
+    """
+    if not isinstance(n_heads, int) or isinstance(n_heads, bool) or n_heads < 1:
+        raise ValueError(f"n_heads must be a positive int, got {n_heads!r}")
+    if param.ndim != 2:
+        raise ValueError(f"set_heads needs a 2-D weight, got shape {tuple(param.shape)}")
+    rows = param.shape[0]
+    if rows % n_heads:
+        raise ValueError(f"{rows} rows do not split into {n_heads} heads")
+    if rows // n_heads < 2:
+        raise ValueError(f"each head would have {rows // n_heads} row; spectral decay needs at least 2")
+    setattr(param, _HEADS_ATTR, n_heads)
+    return param
+
+
+@dataclass(frozen=True)
+class SpectralShape:
+    """A parameter seen as ``heads`` matrices of ``rows x cols`` (row-major, head-major)."""
+
+    heads: int
+    rows: int
+    cols: int
+
+    @staticmethod
+    def of(p: torch.Tensor) -> SpectralShape | None:
+        """The spectral view of ``p``, or None when it gets scalar/vector decay instead."""
+        if p.ndim < 2 or p.shape[-1] == 1 or p.shape[-2] == 1:
+            return None
+        if getattr(p, "use_spectral_decay", True) is False:
+            return None
+        n_heads = getattr(p, _HEADS_ATTR, None)
+        if n_heads is not None and p.ndim == 2:
+            return SpectralShape(n_heads, p.shape[0] // n_heads, p.shape[1])
+        return SpectralShape(math.prod(p.shape[:-2]), p.shape[-2], p.shape[-1])
+
+
+def head_segments(row_start: int, n_rows: int, rows_per_head: int) -> list[tuple[int, int, int, int]]:
+    """Split local rows into at most three runs: a partial head, whole heads, a partial head.
+
+    Returns ``(lo, hi, head_lo, head_hi)`` with lo/hi local row indices; each run is viewable as
+    ``(head_hi - head_lo, rows, cols)``.
+    """
+    segments = []
+    r, end = row_start, row_start + n_rows
+    while r < end:
+        head = r // rows_per_head
+        if r == head * rows_per_head and end - r >= rows_per_head:
+            k = (end - r) // rows_per_head
+            segments.append((r - row_start, r - row_start + k * rows_per_head, head, head + k))
+            r += k * rows_per_head
+        else:
+            stop = min(end, (head + 1) * rows_per_head)
+            segments.append((r - row_start, stop - row_start, head, head + 1))
+            r = stop
+    return segments
+
+
+def _runs(w_rows: torch.Tensor, u_rows: torch.Tensor, row_start: int, shape: SpectralShape):
+    for lo, hi, h0, h1 in head_segments(row_start, w_rows.shape[0], shape.rows):
+        n = h1 - h0
+        yield w_rows[lo:hi].view(n, -1, shape.cols), u_rows[lo:hi].view(n, -1), h0, h1
+
+
+def partial_wtu(w_rows: torch.Tensor, u_rows: torch.Tensor, row_start: int, shape: SpectralShape,
+                out: torch.Tensor) -> None:
+    """``out[h] = sum over local rows of head h of u_i * W_i`` (out: heads x cols, zeroed by caller)."""
+    for w, u, h0, h1 in _runs(w_rows, u_rows, row_start, shape):
+        out[h0:h1] += torch.bmm(u.unsqueeze(1), w).squeeze(1)
+
+
+def normalize_heads(wtu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit rows of ``wtu`` and a mask of heads whose power iteration collapsed (zero vector)."""
+    norm = torch.linalg.vector_norm(wtu, dim=-1, keepdim=True)
+    dead = norm.squeeze(-1) == 0
+    return wtu / norm.clamp_min(torch.finfo(wtu.dtype).tiny), dead
+
+
+def decay_rows(w_rows: torch.Tensor, u_rows: torch.Tensor, row_start: int, shape: SpectralShape,
+               v: torch.Tensor, dead: torch.Tensor, coef: float, sigma_sq: torch.Tensor) -> None:
+    """``W_r -= coef * (W_r v) v^T`` per head, then ``u_r <- W_r v`` (before the decay).
+
+    ``sigma_sq[h]`` receives this rank's part of ``||W v||^2``. Heads marked ``dead`` restart from
+    a fixed non-constant vector instead of staying at zero forever.
+    """
+    sigma_sq.zero_()
+    v = v.to(w_rows.dtype)
+    for w, u, h0, h1 in _runs(w_rows, u_rows, row_start, shape):
+        vh = v[h0:h1]
+        wv = torch.bmm(w, vh.unsqueeze(-1))  # (n, rows, 1)
+        sigma_sq[h0:h1] += wv.square().sum(dim=(1, 2)).to(sigma_sq.dtype)
+        if coef != 0.0:
+            w.baddbmm_(wv, vh.unsqueeze(1), alpha=-coef)
+        u.copy_(wv.squeeze(-1))
+    if bool(dead.any()):
+        _restart_dead(u_rows, row_start, shape, dead)
+
+
+def _restart_dead(u_rows: torch.Tensor, row_start: int, shape: SpectralShape, dead: torch.Tensor) -> None:
+    rows = torch.arange(row_start, row_start + u_rows.shape[0], device=u_rows.device)
+    # 1 + frac(i * golden ratio): deterministic in the global row index, so identical at any world size.
+    restart = 1.0 + torch.frac(rows.double() * 0.6180339887498949).to(u_rows.dtype)
+    mask = dead[rows // shape.rows]
+    u_rows.copy_(torch.where(mask, restart, u_rows))
