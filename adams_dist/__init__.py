@@ -4,6 +4,7 @@ One engine runs as a drop-in optimizer in one process (CPU, CUDA, MPS) and, unde
 shards master weights and moments across ranks, averaging gradients internally.
 """
 
+from .info import info
 from .optimizer import ShardedOptimizer
 from .optimizers import (
     OPTIMIZERS,
@@ -32,6 +33,7 @@ __all__ = [
     "HomeAdamEW",
     "ShardedOptimizer",
     "create_optimizer",
+    "info",
     "init_distributed",
     "set_heads",
 ]

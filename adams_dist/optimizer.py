@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -21,7 +23,7 @@ from torch.optim.optimizer import Optimizer
 from . import spectral
 from .comm import Comm
 from .layout import Bucket, Slot, gather_rows, make_slot, pack_buckets, scatter_rows
-from .rules import Rule
+from .rules import KERNELS, Rule
 
 _ENGINE_KEYS = ("params", "param_names", "initial_lr")
 
@@ -44,6 +46,7 @@ class ShardedOptimizer(Optimizer):
         grad_comm_dtype: torch.dtype | None = None,
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
+        kernel: str = "auto",
     ):
         if not (isinstance(master_dtype, torch.dtype) and master_dtype.is_floating_point):
             raise TypeError(f"master_dtype must be a floating torch.dtype, got {master_dtype!r}")
@@ -55,6 +58,10 @@ class ShardedOptimizer(Optimizer):
             raise TypeError(f"grad_comm_dtype must be a floating torch.dtype or None, got {grad_comm_dtype!r}")
         if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+        kernel = os.environ.get("ADAMS_DIST_KERNEL", kernel) if kernel == "auto" else kernel
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        self.kernel = kernel
         self.master_dtype = master_dtype
         self.bucket_mb = float(bucket_mb)
         self.overlap = bool(overlap)
@@ -448,7 +455,22 @@ class ShardedOptimizer(Optimizer):
         gs = [grads[s.index] for s in slots]
         full = [g if g is not None else torch.zeros_like(m) for g, m in zip(gs, masters)]
         rule_state = {name: [st[name] for st in states] for name in self.rule.state_names}
+        if self.kernel_path == "compiled":
+            try:
+                self.rule.apply(masters, full, rule_state, steps, group, lr, self._reduce_min, compiled=True)
+                return
+            except Exception as err:  # a broken toolchain must not stop training when the user did not ask
+                if self.kernel == "compiled":
+                    raise RuntimeError(f"kernel='compiled' was requested but torch.compile failed: {err}") from err
+                warnings.warn(f"{type(self).__name__}: compiled kernel unavailable ({type(err).__name__}: {err}); "
+                              "running the same update through the foreach path", RuntimeWarning, stacklevel=3)
+                self.kernel = "foreach"  # compilation fails at the first call, before any tensor changed
         self.rule.apply(masters, full, rule_state, steps, group, lr, self._reduce_min)
+
+    @property
+    def kernel_path(self) -> str:
+        """"compiled" or "foreach": the path the element-wise update takes on this device."""
+        return self.rule.kernel_path(self._device or torch.device("cpu"), self.kernel)
 
     def _reduce_min(self, t: torch.Tensor) -> torch.Tensor:
         t = t.to(device=self._device, dtype=torch.float32)

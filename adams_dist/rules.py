@@ -16,6 +16,47 @@ import torch
 
 Tensors = list[torch.Tensor]
 ReduceMin = Callable[[torch.Tensor], torch.Tensor]
+KERNELS = ("auto", "foreach", "compiled")
+
+
+def _atan2_kernel(p, g, m, v, one_minus_b1: float, b2: float, one_minus_b2: float, k_in: float,
+                  den_div: float, scale: float) -> None:
+    """The whole atan2 update of one tensor; torch.compile fuses it into a single pass over memory."""
+    m.lerp_(g, one_minus_b1)
+    v.mul_(b2).addcmul_(g, g, value=one_minus_b2)
+    p.add_(torch.atan2(m * k_in, v.sqrt() / den_div) * scale)
+
+
+def _adamw_kernel(p, g, m, v, one_minus_b1: float, b2: float, one_minus_b2: float, sqrt_c2: float,
+                  eps: float, scale: float) -> None:
+    m.lerp_(g, one_minus_b1)
+    v.mul_(b2).addcmul_(g, g, value=one_minus_b2)
+    p.add_(m / (v.sqrt() / sqrt_c2 + eps) * scale)
+
+
+_compiled_cache: dict[Callable, Callable] = {}
+
+
+def _compiled(fn: Callable) -> Callable:
+    """``fn`` compiled once per process (dynamic shapes, float scalars do not recompile)."""
+    if fn not in _compiled_cache:
+        _compiled_cache[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+    return _compiled_cache[fn]
+
+
+def compile_supported(device: torch.device) -> bool:
+    """Whether torch.compile can build kernels here: Triton for CUDA, a C++ compiler for CPU."""
+    import shutil
+
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        return True
+    if device.type == "cpu":
+        return any(shutil.which(cc) for cc in ("g++", "c++", "clang++"))
+    return False
 
 
 def update_moments(grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, beta1: float, beta2: float) -> None:
@@ -30,11 +71,26 @@ def bias_corrections(steps: Sequence[float], beta1: float, beta2: float) -> tupl
 
 
 class Rule:
-    """An element-wise update: moments in, ``params -= update`` out."""
+    """An element-wise update: moments in, ``params -= update`` out.
+
+    ``apply`` runs the portable foreach path; rules with a ``kernel`` also run it compiled
+    (``compiled=True``), one fused pass per tensor with the same arithmetic.
+    """
 
     name = ""
     state_names: tuple[str, ...] = ("exp_avg", "exp_avg_sq")
     hyperparams: tuple[str, ...] = ()
+    kernel: Callable | None = None
+
+    def kernel_path(self, device: torch.device = torch.device("cpu"), requested: str = "auto") -> str:
+        """Which path ``requested`` resolves to on ``device``: "compiled" or "foreach"."""
+        if self.kernel is None or requested == "foreach":
+            return "foreach"
+        if requested == "compiled":
+            return "compiled"
+        # auto: compile where it is cheap and pays off at once (CUDA + Triton); on CPU the first
+        # compile takes tens of seconds, so it is opt-in there (kernel="compiled").
+        return "compiled" if device.type == "cuda" and compile_supported(device) else "foreach"
 
     def validate(self, group: dict[str, Any]) -> None:
         eps = group.get("eps")
@@ -42,7 +98,7 @@ class Rule:
             raise ValueError(f"Invalid eps value: {eps!r} (must be a float >= 0)")
 
     def apply(self, params: Tensors, grads: Tensors, state: dict[str, Tensors], steps: Sequence[float],
-              group: dict[str, Any], lr: float, reduce_min: ReduceMin) -> None:
+              group: dict[str, Any], lr: float, reduce_min: ReduceMin, compiled: bool = False) -> None:
         raise NotImplementedError
 
 
@@ -55,12 +111,20 @@ class Atan2Rule(Rule):
 
     name = "atan2"
     hyperparams = ("a", "b", "bias_correction_in_atan2")
+    kernel = staticmethod(_atan2_kernel)
 
-    def apply(self, params, grads, state, steps, group, lr, reduce_min):
+    def apply(self, params, grads, state, steps, group, lr, reduce_min, compiled=False):
         beta1, beta2 = group["betas"]
         a, b = float(group.get("a", 1.0)), float(group.get("b", 1.0))
         inside = bool(group.get("bias_correction_in_atan2", False))
         exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
+        if compiled:
+            fn = _compiled(_atan2_kernel)
+            for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+                c1, c2 = 1.0 - beta1**t, 1.0 - beta2**t
+                fn(p, g, m, v, 1.0 - beta1, beta2, 1.0 - beta2, 1.0 / c1 if inside else 1.0, math.sqrt(c2) / b,
+                   -lr * a if inside else -lr * a / c1)
+            return
         update_moments(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
         c1, c2 = bias_corrections(steps, beta1, beta2)
         denoms = torch._foreach_sqrt(exp_avg_sqs)
@@ -78,10 +142,17 @@ class AdamWRule(Rule):
 
     name = "adamw"
     hyperparams = ("eps",)
+    kernel = staticmethod(_adamw_kernel)
 
-    def apply(self, params, grads, state, steps, group, lr, reduce_min):
+    def apply(self, params, grads, state, steps, group, lr, reduce_min, compiled=False):
         beta1, beta2 = group["betas"]
         exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
+        if compiled:
+            fn = _compiled(_adamw_kernel)
+            for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+                c1, c2 = 1.0 - beta1**t, 1.0 - beta2**t
+                fn(p, g, m, v, 1.0 - beta1, beta2, 1.0 - beta2, math.sqrt(c2), float(group["eps"]), -lr / c1)
+            return
         update_moments(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
         c1, c2 = bias_corrections(steps, beta1, beta2)
         denoms = torch._foreach_sqrt(exp_avg_sqs)
@@ -105,7 +176,7 @@ class SRFRule(Rule):
     name = "srf"
     hyperparams = ("eps",)
 
-    def apply(self, params, grads, state, steps, group, lr, reduce_min):
+    def apply(self, params, grads, state, steps, group, lr, reduce_min, compiled=False):
         beta1, beta2 = group["betas"]
         exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
         update_moments(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
@@ -132,7 +203,7 @@ class HomeAdamRule(_TauRule):
     name = "homeadam"
     hyperparams = ("eps", "tau", "per_tensor")
 
-    def apply(self, params, grads, state, steps, group, lr, reduce_min):
+    def apply(self, params, grads, state, steps, group, lr, reduce_min, compiled=False):
         beta1, beta2 = group["betas"]
         exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
         update_moments(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
@@ -158,7 +229,7 @@ class HomeAdamEWRule(_TauRule):
     name = "homeadamew"
     hyperparams = ("eps", "tau")
 
-    def apply(self, params, grads, state, steps, group, lr, reduce_min):
+    def apply(self, params, grads, state, steps, group, lr, reduce_min, compiled=False):
         beta1, beta2 = group["betas"]
         exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
         update_moments(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
