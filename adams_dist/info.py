@@ -18,7 +18,7 @@ def info() -> dict[str, Any]:
 
     device = pick_device(int(os.environ.get("LOCAL_RANK", 0)))
 
-    cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    cuda = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     backends = {}
     if dist.is_available():

@@ -82,7 +82,7 @@ class Rule:
     hyperparams: tuple[str, ...] = ()
     kernel: Callable | None = None
 
-    def kernel_path(self, device: torch.device = torch.device("cpu"), requested: str = "auto") -> str:
+    def kernel_path(self, device: torch.device, requested: str = "auto") -> str:
         """Which path ``requested`` resolves to on ``device``: "compiled" or "foreach"."""
         if self.kernel is None or requested == "foreach":
             return "foreach"
