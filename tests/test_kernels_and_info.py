@@ -1,0 +1,68 @@
+"""The compiled element-wise kernels equal the foreach path; `python -m adams_dist info` reports the machine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import adams_dist
+from adams_dist.rules import compile_supported
+
+SHAPES = [(7, 5), (3, 5, 7), (13,), (), (64, 33)]
+
+
+def trajectory(name: str, kernel: str, **hp) -> tuple[list[torch.Tensor], str]:
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+    opt = adams_dist.create_optimizer(name, params, kernel=kernel, **hp)
+    for step in range(6):
+        gen = torch.Generator().manual_seed(step)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    return [p.detach().clone() for p in params], opt.kernel_path
+
+
+@pytest.mark.skipif(not compile_supported(torch.device("cpu")), reason="no C++ compiler for torch.compile")
+@pytest.mark.parametrize("name,hp", [
+    ("adams", dict(lr=1e-2, weight_decay=0.3)),
+    ("adamatan2", dict(lr=1e-2, a=1.27, b=2.0, bias_correction_in_atan2=True)),
+    ("adamw", dict(lr=1e-2, eps=1e-6)),
+])
+def test_compiled_matches_foreach(name: str, hp: dict) -> None:
+    fast, path = trajectory(name, "compiled", **hp)
+    slow, slow_path = trajectory(name, "foreach", **hp)
+    assert (path, slow_path) == ("compiled", "foreach")
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(0)
+    start = [torch.randn(s) for s in SHAPES]
+    assert all((a - s).abs().max() > 1e-3 for a, s in zip(fast, start))  # the kernels really moved every param
+
+
+def test_rules_without_kernel_say_foreach() -> None:
+    opt = adams_dist.HomeAdam([torch.nn.Parameter(torch.ones(3))], kernel="compiled")
+    assert opt.kernel_path == "foreach"  # no fused kernel for this rule: the foreach path, never another rule
+
+
+def test_bad_kernel_name() -> None:
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        adams_dist.AdamW([torch.nn.Parameter(torch.ones(3))], kernel="triton-magic")
+
+
+def test_info_cli_json() -> None:
+    out = subprocess.run([sys.executable, "-m", "adams_dist", "info", "--json"], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    data = json.loads(out)
+    assert data["torch"] == torch.__version__
+    assert data["distributed_backends"]["gloo"] is torch.distributed.is_gloo_available()
+    assert set(data["kernel_path (kernel='auto', default device)"]) == set(adams_dist.OPTIMIZERS)
+    assert data["world_size"] == 1
+    text = subprocess.run([sys.executable, "-m", "adams_dist", "info"], capture_output=True, text=True,
+                          timeout=120, check=True).stdout
+    assert "torch: " + torch.__version__ in text
+    assert adams_dist.info()["devices"]["cpu"] is True
