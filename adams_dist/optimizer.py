@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.optim.optimizer import Optimizer
 
-from . import spectral
+from . import fsdp, spectral
 from .comm import Comm
 from .layout import Bucket, Slot, gather_rows, make_slot, pack_buckets, scatter_rows
 from .rules import KERNELS, Rule
@@ -88,6 +88,7 @@ class ShardedOptimizer(Optimizer):
         self._ready_slots: set[int] = set()
         self._no_sync = False
         self._hook_handles: list[Any] = []
+        self._presharded = False  # parameters are DTensors sharded by FSDP2: update local rows only
         self._built = False
         super().__init__(params, defaults)
         self._build(range(len(self.param_groups)))
@@ -171,6 +172,17 @@ class ShardedOptimizer(Optimizer):
     @torch.no_grad()
     def _build(self, group_indices: Iterable[int]) -> None:
         group_indices = list(group_indices)
+        new_params = [p for gi in group_indices for p in self.param_groups[gi]["params"]]
+        mesh_group = fsdp.mesh_group(new_params)
+        if (mesh_group is not None) != self._presharded and self._built:
+            raise ValueError("cannot mix DTensor (FSDP2) parameters with plain ones in one optimizer")
+        if mesh_group is not None and not self._built:
+            self._presharded = True
+            comm = Comm(mesh_group)
+            self._comm = comm if comm.world_size > 1 else None
+            self.world_size, self.rank = comm.world_size, comm.rank
+        if self._presharded:
+            return self._build_presharded(group_indices)
         new_slots: list[Slot] = []
         for gi in group_indices:
             for p in self.param_groups[gi]["params"]:
@@ -196,6 +208,16 @@ class ShardedOptimizer(Optimizer):
         if self.overlap:
             self._register_hooks(new_slots)
 
+    def _build_presharded(self, group_indices: list[int]) -> None:
+        """FSDP2 parameters: each rank already holds its rows; no buckets, no broadcast, no gathers."""
+        if self._comm is not None:
+            self._comm.check_same_everywhere(self._fingerprint(group_indices), "the optimizer's parameter list")
+        for gi in group_indices:
+            for p in self.param_groups[gi]["params"]:
+                slot = fsdp.make_slot(p, len(self._slots), gi, self.uses_spectral_decay)
+                self._slots.append(slot)
+                self._init_local_state(slot)
+
     def _new_state(self, slot: Slot) -> dict[str, Any]:
         state: dict[str, Any] = {"step": torch.tensor(0.0)}
         if slot.spectral is not None:
@@ -203,8 +225,9 @@ class ShardedOptimizer(Optimizer):
         return state
 
     def _init_local_state(self, slot: Slot) -> None:
-        """One process: state tensors per parameter; the master aliases an fp32 contiguous param."""
-        p = slot.param
+        """State tensors per parameter (one process, or FSDP2's local rows); the master aliases an fp32
+        contiguous parameter instead of copying it."""
+        p = fsdp.local_tensor(slot.param.detach())
         state = self._new_state(slot)
         if p.dtype == self.master_dtype and p.is_contiguous():
             state["master_param"] = p.detach().view(-1)
@@ -213,8 +236,8 @@ class ShardedOptimizer(Optimizer):
         for name in self.rule.state_names:
             state[name] = torch.zeros(p.numel(), dtype=self.master_dtype, device=p.device)
         if slot.spectral is not None:
-            state["u"] = torch.ones(slot.rows, dtype=self.master_dtype, device=p.device)
-        self.state[p] = state
+            state["u"] = torch.ones(slot.local_rows, dtype=self.master_dtype, device=p.device)
+        self.state[slot.param] = state
 
     def _init_bucket_state(self, bucket: Bucket) -> None:
         """Many ranks: flat per-rank buffers per bucket; per-param state entries are views into them."""
@@ -275,10 +298,10 @@ class ShardedOptimizer(Optimizer):
         if self._grads is not None:
             return self._grads
         grads: list[torch.Tensor | None] = [None] * len(self._slots)
-        if self._comm is None:
+        if self._comm is None or self._presharded:
             for s in self._slots:
                 if s.param.grad is not None:
-                    grads[s.index] = s.param.grad.reshape(-1).to(self.master_dtype)
+                    grads[s.index] = fsdp.local_tensor(s.param.grad).reshape(-1).to(self.master_dtype)
         else:
             reduced = self._reduce_gradients()
             for bi, bucket in enumerate(self._buckets):
@@ -290,6 +313,8 @@ class ShardedOptimizer(Optimizer):
     def _register_hooks(self, slots: list[Slot]) -> None:
         bucket_of = {s.index: bi for bi, b in enumerate(self._buckets) for s in b.slots}
         for slot in slots:
+            if not slot.param.requires_grad:
+                continue  # frozen: never gets a gradient, so it never holds its bucket back (see _bucket_ready)
             self._hook_handles.append(
                 slot.param.register_post_accumulate_grad_hook(self._make_hook(slot.index, bucket_of[slot.index]))
             )
@@ -308,7 +333,7 @@ class ShardedOptimizer(Optimizer):
             for bj in range(len(self._buckets)):
                 if bj in self._pending:
                     continue
-                if all(s.index in self._ready_slots for s in self._buckets[bj].slots):
+                if all(s.index in self._ready_slots or not s.param.requires_grad for s in self._buckets[bj].slots):
                     self._launch(bj)
                 else:
                     break
@@ -481,11 +506,11 @@ class ShardedOptimizer(Optimizer):
     # ------------------------------------------------------------------ parameters out
 
     def _write_back(self) -> None:
-        if self._comm is None:
+        if self._comm is None or self._presharded:
             for slot in self._slots:
-                p, master = slot.param, self.state[slot.param]["master_param"]
+                p, master = fsdp.local_tensor(slot.param.detach()), self.state[slot.param]["master_param"]
                 if master.data_ptr() != p.data_ptr() or p.dtype != master.dtype:
-                    p.detach().copy_(master.view(p.shape))
+                    p.copy_(master.view(p.shape))
             return
         gathers = []
         for bucket, flat in zip(self._buckets, self._bucket_state):
@@ -514,10 +539,18 @@ class ShardedOptimizer(Optimizer):
     def reload_params(self) -> None:
         """Take the model's current parameter values as the new master weights (after editing them)."""
         for slot in self._slots:
-            lo, hi = slot.local_range
             master = self.state[slot.param]["master_param"]
-            if master.data_ptr() != slot.param.data_ptr():
-                master.copy_(slot.param.detach().reshape(-1)[lo:hi])
+            if master.data_ptr() != fsdp.local_tensor(slot.param.detach()).data_ptr():
+                master.copy_(self._local_rows_of(slot, slot.param.detach()))
+
+    def _local_rows_of(self, slot: Slot, full: torch.Tensor) -> torch.Tensor:
+        """This rank's flat rows of a parameter-shaped tensor (full tensor or DTensor)."""
+        if fsdp.is_dtensor(full):
+            if self._presharded:
+                return fsdp.local_tensor(full).reshape(-1)
+            full = full.full_tensor()  # type: ignore[attr-defined]
+        lo, hi = slot.local_range
+        return full.reshape(-1)[lo:hi]
 
     # ------------------------------------------------------------------ introspection
 
@@ -568,6 +601,12 @@ class ShardedOptimizer(Optimizer):
         """Every parameter's whole (unsharded) per-row state, flat, on every rank."""
         names = ("master_param", *self.rule.state_names)
         full: dict[int, dict[str, torch.Tensor]] = {s.index: {} for s in self._slots}
+        if self._presharded:  # DTensors laid out like the parameters: torch.distributed.checkpoint reshards them
+            for slot in self._slots:
+                for name in (*names, "u") if slot.spectral is not None else names:
+                    local = self.state[slot.param][name].detach().clone()
+                    full[slot.index][name] = fsdp.like_param(slot.param, local, per_row=name == "u")
+            return full
         if self._comm is None:
             for slot in self._slots:
                 for name in (*names, "u") if slot.spectral is not None else names:
@@ -603,7 +642,7 @@ class ShardedOptimizer(Optimizer):
             p = slot.param
             entry: dict[str, Any] = {"step": self.state[p]["step"].clone()}
             for name, t in full[slot.index].items():
-                entry[name] = t.view(p.shape[:-1]) if name == "u" else t.view(p.shape)
+                entry[name] = t if fsdp.is_dtensor(t) else t.view(p.shape[:-1] if name == "u" else p.shape)
             if p in sigmas:
                 entry["sigma"] = sigmas[p].clone()
             state[slot.index] = entry
@@ -631,17 +670,21 @@ class ShardedOptimizer(Optimizer):
         for slot in self._slots:
             entry = state_dict["state"][slot.index]
             state = self.state[slot.param]
-            lo, hi = slot.local_range
             state["step"].copy_(torch.as_tensor(entry["step"]))
             for name in ("master_param", *self.rule.state_names):
-                state[name].copy_(entry[name].reshape(-1)[lo:hi])
+                state[name].copy_(self._local_rows_of(slot, entry[name]))
             if slot.spectral is not None:
-                state["u"].copy_(entry["u"].reshape(-1)[slot.row_start: slot.row_start + slot.local_rows])
+                u = entry["u"]
+                if fsdp.is_dtensor(u) and self._presharded:
+                    state["u"].copy_(fsdp.local_tensor(u).reshape(-1))
+                else:
+                    u = u.full_tensor() if fsdp.is_dtensor(u) else u
+                    state["u"].copy_(u.reshape(-1)[slot.row_start: slot.row_start + slot.local_rows])
                 sigma = entry.get("sigma")
                 state["sigma_sq"].zero_()
                 if sigma is not None and self.rank == 0:
                     state["sigma_sq"].copy_(torch.as_tensor(sigma).square())
-            slot.param.detach().copy_(entry["master_param"].view(slot.param.shape))
+        self._write_back()
         self._discard_reduced()
 
     def _validate_state_dict(self, sd: Any) -> None:

@@ -1,0 +1,430 @@
+"""Checkpoints that survive restarts, world-size changes and crashes.
+
+``save_checkpoint(path, model, optimizer, **extra)`` writes one file with the model's ``state_dict()``,
+the optimizer's full (unsharded, world-size independent) ``state_dict()``, the extras and metadata;
+``load_checkpoint(path, model, optimizer)`` restores them at any world size and returns the extras.
+Both are collective over the optimizer's process group: every rank calls them.
+
+- Saving: every rank takes part in ``optimizer.state_dict()`` (an all-gather); rank 0 writes the file
+  through a temporary file in the same directory, ``fsync`` and ``os.replace``, so ``path`` always holds
+  either the previous complete checkpoint or the new one.
+- Loading: every rank reads the file (a filesystem shared by the ranks is assumed) with
+  ``torch.load(weights_only=True, mmap=True)``, which never runs code from the file, checks it
+  (format, checksums, parameter names and shapes, optimizer class and state) and agrees with the
+  other ranks before anything changes; a problem on any rank raises on every rank.
+
+See docs/checkpoints.md.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointError", "load_checkpoint", "save_checkpoint"]
+
+FORMAT = "adams_dist.checkpoint"
+FORMAT_VERSION = 1
+_SECTIONS = ("model", "optimizer", "extra")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: truncated, corrupt, unsafe, or made for another model/optimizer."""
+
+
+# ---------------------------------------------------------------------------------------------- context
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    group: Any | None
+    rank: int
+    world: int
+    device: torch.device
+
+
+def _context(optimizer: torch.optim.Optimizer) -> _Ctx:
+    """The process group the optimizer works over (ShardedOptimizer: its own; otherwise the default one)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    device = params[0].device if params else torch.device("cpu")
+    if hasattr(optimizer, "_comm") and hasattr(optimizer, "world_size"):  # ShardedOptimizer
+        comm = getattr(optimizer, "_comm")  # noqa: B009
+        if comm is None:
+            return _Ctx(None, 0, 1, device)
+        return _Ctx(comm.group, comm.rank, comm.world_size, getattr(optimizer, "_device", None) or device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return _Ctx(None, dist.get_rank(), dist.get_world_size(), device)
+    return _Ctx(None, 0, 1, device)
+
+
+def _agree(ctx: _Ctx, error: BaseException | None, what: str) -> None:
+    """Raise on every rank if ``error`` is set on any rank (one small all-reduce when all went well)."""
+    if ctx.world == 1:
+        if error is not None:
+            raise error
+        return
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=ctx.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ctx.group)
+    if int(flag.item()) == 0:
+        return
+    mine = None if error is None else (type(error).__name__, str(error))
+    reports: list[Any] = [None] * ctx.world
+    dist.all_gather_object(reports, mine, group=ctx.group)
+    if error is not None:
+        raise error
+    rank, (kind, message) = next((r, rep) for r, rep in enumerate(reports) if rep is not None)
+    text = f"{what} failed on rank {rank} ({kind}): {message}"
+    if kind == "FileNotFoundError":
+        raise FileNotFoundError(text)
+    raise CheckpointError(text)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under DistributedDataParallel / DataParallel / torch.compile wrappers (portable names)."""
+    while True:
+        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
+
+
+# ---------------------------------------------------------------------------------------------- payload
+
+
+def _fingerprint(model: torch.nn.Module) -> list[list[Any]]:
+    return [[name, list(p.shape), str(p.dtype).replace("torch.", "")] for name, p in model.named_parameters()]
+
+
+def _optimizer_param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str | None]:
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names.get(id(p)) for g in optimizer.param_groups for p in g["params"]]
+
+
+_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
+_MAPPINGS = (dict, collections.OrderedDict)
+_SEQUENCES = (list, tuple, set)
+
+
+def _check_plain(obj: Any, where: str) -> None:
+    """Raise TypeError naming the first object ``torch.load(weights_only=True)`` could not restore."""
+    kind = type(obj)
+    if kind in _LEAVES:
+        return
+    if isinstance(obj, torch.Tensor):
+        if kind not in (torch.Tensor, torch.nn.Parameter) or obj.layout != torch.strided or obj.is_meta:
+            raise TypeError(f"{where} is a {kind.__name__} (layout {obj.layout}, device {obj.device}); "
+                            "checkpoints hold plain dense tensors only")
+        return
+    if kind in _MAPPINGS:
+        for key, value in obj.items():
+            if type(key) not in _LEAVES:
+                raise TypeError(f"{where} has a key of type {type(key).__name__}; use str or int keys")
+            _check_plain(value, f"{where}[{key!r}]")
+        return
+    if kind in _SEQUENCES:
+        for i, value in enumerate(obj):
+            _check_plain(value, f"{where}[{i}]")
+        return
+    raise TypeError(f"{where} is a {kind.__module__}.{kind.__qualname__}, which torch.load(weights_only=True) "
+                    "cannot restore without running code; store tensors, numbers, strings, lists, tuples and "
+                    "dicts (e.g. .item() for numpy scalars, .state_dict() for objects)")
+
+
+def _to_cpu(obj: Any) -> Any:
+    """Tensors moved to the CPU, detached, and cloned where they view a larger storage (saved whole otherwise)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        if t.device.type != "cpu":
+            return t.cpu()
+        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            return t.clone()
+        return t
+    kind = type(obj)
+    if kind in _MAPPINGS:
+        return kind((k, _to_cpu(v)) for k, v in obj.items())
+    if kind in _SEQUENCES:
+        return kind(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _checksum(obj: Any, crc: int = 0) -> int:
+    """CRC-32 over the structure and every tensor's bytes, in traversal order (deterministic after loading)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        crc = zlib.crc32(f"T{t.dtype}{tuple(t.shape)}".encode(), crc)
+        if t.numel():
+            crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy().data, crc)
+        return crc
+    kind = type(obj)
+    if kind in _MAPPINGS:
+        crc = zlib.crc32(f"D{len(obj)}".encode(), crc)
+        for key, value in obj.items():
+            crc = _checksum(value, zlib.crc32(repr(key).encode(), crc))
+        return crc
+    if kind in (list, tuple):
+        crc = zlib.crc32(f"{kind.__name__[0]}{len(obj)}".encode(), crc)
+        for value in obj:
+            crc = _checksum(value, crc)
+        return crc
+    if kind is set:
+        return zlib.crc32(repr(sorted(repr(v) for v in obj)).encode(), crc)
+    return zlib.crc32(f"{kind.__name__}:{obj!r}".encode(), crc)
+
+
+def _payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim_state: dict[str, Any],
+             extra: dict[str, Any], world: int) -> dict[str, Any]:
+    from . import __version__
+
+    sections = {"model": model.state_dict(), "optimizer": optim_state, "extra": extra}
+    for name, section in sections.items():
+        _check_plain(section, name)
+    sections = {name: _to_cpu(section) for name, section in sections.items()}
+    rule = getattr(optimizer, "rule", None)
+    master_dtype = getattr(optimizer, "master_dtype", None)
+    metadata = {
+        "world_size": world,
+        "torch_version": str(torch.__version__),
+        "adams_dist_version": __version__,
+        "optimizer_class": type(optimizer).__name__,
+        "rule": getattr(rule, "name", None),
+        "master_dtype": None if master_dtype is None else str(master_dtype).replace("torch.", ""),
+        "params": _fingerprint(model),
+        "optimizer_params": _optimizer_param_names(model, optimizer),
+        "checksums": {name: _checksum(section) for name, section in sections.items()},
+    }
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "metadata": metadata, **sections}
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def _temp_prefix(path: str) -> str:
+    return f".{os.path.basename(path)}.tmp-"
+
+
+def _fsync_dir(directory: str) -> None:
+    with contextlib.suppress(OSError):  # not every platform/filesystem can fsync a directory
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _remove_stale_temps(path: str, keep: str | None = None) -> None:
+    """Remove temporary files left by earlier saves to ``path`` that were killed mid-write."""
+    directory, prefix = os.path.dirname(path), _temp_prefix(path)
+    with contextlib.suppress(OSError):
+        for name in os.listdir(directory):
+            full = os.path.join(directory, name)
+            if name.startswith(prefix) and full != keep:
+                with contextlib.suppress(OSError):
+                    os.unlink(full)
+
+
+def _atomic_save(obj: Any, path: str) -> None:
+    """torch.save to a temp file in the target's directory, fsync, then os.replace: all or nothing."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    _remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=directory)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        with contextlib.suppress(OSError, AttributeError):
+            os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def _read(path: str) -> Any:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path!r}")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path!r} is a directory, not a checkpoint file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":  # torch.save's zip container; anything else is damaged or another format
+        raise CheckpointError(f"cannot read checkpoint {path!r}: not a torch.save zip archive "
+                              f"({'empty file' if not magic else 'bad header'}); the file is truncated or corrupt")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # miniz, unpickler and EOF errors all mean the same thing to the user
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "Weights only load failed" in str(e):
+            raise CheckpointError(
+                f"refusing to load {path!r}: its pickle holds something other than tensors and plain data, "
+                "which could run code from the file (or the file is corrupt); it was not written by "
+                f"save_checkpoint. torch.load said: {' '.join(str(e).split())[:400]}"
+            ) from e
+        raise CheckpointError(f"cannot read checkpoint {path!r}: the file is truncated or corrupt "
+                              f"({type(e).__name__}: {first})") from e
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def _describe_differences(kind: str, saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    problems = []
+    missing = [k for k in current if k not in saved]
+    unexpected = [k for k in saved if k not in current]
+    if missing:
+        problems.append(f"{kind} missing from the checkpoint: {_short(missing)}")
+    if unexpected:
+        problems.append(f"{kind} in the checkpoint but not in the model: {_short(unexpected)}")
+    for key in current:
+        if key in saved and tuple(saved[key]) != tuple(current[key]):
+            problems.append(f"{kind[:-1]} {key!r} has shape {tuple(saved[key])} in the checkpoint "
+                            f"but {tuple(current[key])} in the model")
+    return problems
+
+
+def _short(names: list[str], n: int = 5) -> str:
+    shown = ", ".join(repr(x) for x in names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _validate(payload: Any, path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path!r} is not an adams_dist checkpoint (no '{FORMAT}' format marker); "
+                              "it was not written by adams_dist.checkpoint.save_checkpoint")
+    version = payload.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise CheckpointError(f"{path!r} has checkpoint format version {version!r}; this adams_dist reads "
+                              f"versions 1..{FORMAT_VERSION} (upgrade adams_dist to read newer checkpoints)")
+    meta = payload.get("metadata")
+    if not isinstance(meta, dict) or any(name not in payload for name in _SECTIONS):
+        raise CheckpointError(f"{path!r} lacks its metadata or one of the sections {_SECTIONS}: corrupt file")
+    checksums = meta.get("checksums", {})
+    for name in _SECTIONS:
+        if checksums.get(name) != _checksum(payload[name]):
+            raise CheckpointError(f"{path!r}: checksum mismatch in the {name!r} section; the file is corrupt")
+
+    # The model: parameter names and shapes, then every state-dict entry (buffers included).
+    problems = _describe_differences(
+        "parameters", {n: s for n, s, _ in meta["params"]}, {n: list(p.shape) for n, p in model.named_parameters()}
+    )
+    if not problems:
+        saved_sd = payload["model"]
+        if not isinstance(saved_sd, dict):
+            raise CheckpointError(f"{path!r}: the model section is not a state dict")
+        problems = _describe_differences(
+            "state-dict entries",
+            {k: list(v.shape) if isinstance(v, torch.Tensor) else [] for k, v in saved_sd.items()},
+            {k: list(v.shape) if isinstance(v, torch.Tensor) else [] for k, v in model.state_dict().items()},
+        )
+    if problems:
+        raise CheckpointError(f"checkpoint {path!r} was made for a different model: " + "; ".join(problems[:5]))
+
+    # The optimizer: class, which model parameter each optimizer slot holds, then its state dict.
+    saved_class, mine = meta.get("optimizer_class"), type(optimizer).__name__
+    if saved_class != mine:
+        raise CheckpointError(f"checkpoint {path!r} holds {saved_class} state; this optimizer is a {mine}")
+    saved_names, names = meta.get("optimizer_params", []), _optimizer_param_names(model, optimizer)
+    if len(saved_names) != len(names):
+        raise CheckpointError(f"checkpoint {path!r} has optimizer state for {len(saved_names)} parameters; "
+                              f"this optimizer has {len(names)}")
+    for i, (was, now) in enumerate(zip(saved_names, names)):
+        if was != now:
+            raise CheckpointError(f"optimizer parameter #{i} is {now!r} here but was {was!r} when {path!r} was "
+                                  "saved; build the optimizer over the same parameters in the same order")
+    osd = payload["optimizer"]
+    try:
+        validate = getattr(optimizer, "_validate_state_dict", None)  # ShardedOptimizer: checks before loading
+        if validate is not None:
+            validate(osd)
+        else:
+            _validate_generic_optimizer_state(osd, optimizer)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path!r}: the optimizer state does not fit this optimizer: {e}") from e
+
+
+def _validate_generic_optimizer_state(osd: Any, optimizer: torch.optim.Optimizer) -> None:
+    if not isinstance(osd, dict) or "state" not in osd or "param_groups" not in osd:
+        raise ValueError("not an optimizer state dict: expected keys 'state' and 'param_groups'")
+    groups = osd["param_groups"]
+    if len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"{len(groups)} param groups saved, this optimizer has {len(optimizer.param_groups)}")
+    for gi, (saved, mine) in enumerate(zip(groups, optimizer.param_groups)):
+        if len(saved["params"]) != len(mine["params"]):
+            raise ValueError(f"param group {gi}: {len(saved['params'])} params saved, {len(mine['params'])} here")
+
+
+# ---------------------------------------------------------------------------------------------- API
+
+
+def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    **extra: Any) -> None:
+    """Save model, optimizer and ``extra`` (e.g. ``scheduler=scheduler.state_dict(), step=step``) to ``path``.
+
+    Collective: every rank of the optimizer's process group must call it. Rank 0 writes atomically (temp
+    file in the same directory, fsync, ``os.replace``); when this returns on any rank, the file is complete.
+    Extras must be tensors, numbers, strings, bytes, None, lists, tuples, sets and dicts of those (what
+    ``torch.load(weights_only=True)`` restores); anything else raises TypeError naming it, and nothing is written.
+    A failure on rank 0 raises there and a CheckpointError on the other ranks.
+    """
+    path = os.path.abspath(os.fspath(path))
+    model = _unwrap(model)
+    ctx = _context(optimizer)
+    error: BaseException | None = None
+    try:
+        optim_state = optimizer.state_dict()  # collective for ShardedOptimizer: every rank gathers
+    except Exception as e:  # pragma: no cover - the engine's gather does not fail rank-locally
+        error = e
+    if ctx.rank == 0 and error is None:
+        try:
+            _atomic_save(_payload(model, optimizer, optim_state, extra, ctx.world), path)
+        except Exception as e:
+            error = e
+    _agree(ctx, error, f"saving checkpoint {path!r}")
+
+
+def load_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore ``model`` and ``optimizer`` from ``path`` (saved at any world size); return the extras.
+
+    Collective: every rank calls it and reads the file itself (a filesystem shared by the ranks is
+    assumed). The file is read with ``torch.load(weights_only=True)``, so it never runs code from the
+    file. Everything is checked before anything changes: a missing file raises FileNotFoundError; a
+    truncated, corrupt or unsafe file, or one made for a model or optimizer with other parameter
+    names, shapes or order, raises CheckpointError (a ValueError). A problem on any rank raises on every
+    rank. Restore a scheduler with ``scheduler.load_state_dict(extra["scheduler"])``.
+    """
+    path = os.path.abspath(os.fspath(path))
+    model = _unwrap(model)
+    ctx = _context(optimizer)
+    payload: Any = None
+    error: BaseException | None = None
+    try:
+        payload = _read(path)
+        _validate(payload, path, model, optimizer)
+    except Exception as e:
+        error = e
+        payload = None
+    _agree(ctx, error, f"loading checkpoint {path!r}")
+    with torch.no_grad():
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+    extra: dict[str, Any] = payload["extra"]
+    return extra
+
