@@ -29,6 +29,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .optimizer import ShardedOptimizer
+from .spectral import SpectralShape
+
 __all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 
 FORMAT = "adams_dist.checkpoint"
@@ -55,11 +58,11 @@ def _context(optimizer: torch.optim.Optimizer) -> _Ctx:
     """The process group the optimizer works over (ShardedOptimizer: its own; otherwise the default one)."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
     device = params[0].device if params else torch.device("cpu")
-    if hasattr(optimizer, "_comm") and hasattr(optimizer, "world_size"):  # ShardedOptimizer
-        comm = getattr(optimizer, "_comm")  # noqa: B009
+    if isinstance(optimizer, ShardedOptimizer):
+        comm = optimizer._comm
         if comm is None:
             return _Ctx(None, 0, 1, device)
-        return _Ctx(comm.group, comm.rank, comm.world_size, getattr(optimizer, "_device", None) or device)
+        return _Ctx(comm.group, comm.rank, comm.world_size, optimizer._device or device)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return _Ctx(None, dist.get_rank(), dist.get_world_size(), device)
     return _Ctx(None, 0, 1, device)
@@ -108,6 +111,24 @@ def _fingerprint(model: torch.nn.Module) -> list[list[Any]]:
 def _optimizer_param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str | None]:
     names = {id(p): name for name, p in model.named_parameters()}
     return [names.get(id(p)) for g in optimizer.param_groups for p in g["params"]]
+
+
+def _spectral_layout(optimizer: torch.optim.Optimizer) -> list[list[int] | None]:
+    """[heads, rows, cols] per optimizer parameter with spectral decay (Adams), else None."""
+    spectral = isinstance(optimizer, ShardedOptimizer) and optimizer.uses_spectral_decay
+    out: list[list[int] | None] = []
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            shape = SpectralShape.of(p) if spectral else None
+            out.append(None if shape is None else [shape.heads, shape.rows, shape.cols])
+    return out
+
+
+def _describe_layout(layout: list[int] | None) -> str:
+    if layout is None:
+        return "no spectral decay"
+    heads, rows, cols = layout
+    return f"spectral decay on {heads} head{'s' if heads != 1 else ''} of {rows} x {cols}"
 
 
 _LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
@@ -200,6 +221,7 @@ def _payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim_sta
         "master_dtype": None if master_dtype is None else str(master_dtype).replace("torch.", ""),
         "params": _fingerprint(model),
         "optimizer_params": _optimizer_param_names(model, optimizer),
+        "spectral": _spectral_layout(optimizer),
         "checksums": {name: _checksum(section) for name, section in sections.items()},
     }
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "metadata": metadata, **sections}
@@ -221,15 +243,14 @@ def _fsync_dir(directory: str) -> None:
             os.close(fd)
 
 
-def _remove_stale_temps(path: str, keep: str | None = None) -> None:
+def _remove_stale_temps(path: str) -> None:
     """Remove temporary files left by earlier saves to ``path`` that were killed mid-write."""
     directory, prefix = os.path.dirname(path), _temp_prefix(path)
     with contextlib.suppress(OSError):
         for name in os.listdir(directory):
-            full = os.path.join(directory, name)
-            if name.startswith(prefix) and full != keep:
+            if name.startswith(prefix):
                 with contextlib.suppress(OSError):
-                    os.unlink(full)
+                    os.unlink(os.path.join(directory, name))
 
 
 def _atomic_save(obj: Any, path: str) -> None:
@@ -346,11 +367,17 @@ def _validate(payload: Any, path: str, model: torch.nn.Module, optimizer: torch.
         if was != now:
             raise CheckpointError(f"optimizer parameter #{i} is {now!r} here but was {was!r} when {path!r} was "
                                   "saved; build the optimizer over the same parameters in the same order")
+    for i, (saved_layout, layout) in enumerate(zip(meta.get("spectral", []), _spectral_layout(optimizer))):
+        if saved_layout != layout:
+            raise CheckpointError(
+                f"optimizer parameter #{i} ({names[i]!r}) had {_describe_layout(saved_layout)} when {path!r} was "
+                f"saved but has {_describe_layout(layout)} here; call adams_dist.set_heads / set use_spectral_decay as "
+                "in the run that saved it"
+            )
     osd = payload["optimizer"]
     try:
-        validate = getattr(optimizer, "_validate_state_dict", None)  # ShardedOptimizer: checks before loading
-        if validate is not None:
-            validate(osd)
+        if isinstance(optimizer, ShardedOptimizer):
+            optimizer._validate_state_dict(osd)  # the engine's own checks, which change nothing
         else:
             _validate_generic_optimizer_state(osd, optimizer)
     except CheckpointError:
@@ -386,12 +413,9 @@ def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, optimi
     path = os.path.abspath(os.fspath(path))
     model = _unwrap(model)
     ctx = _context(optimizer)
+    optim_state = optimizer.state_dict()  # collective for ShardedOptimizer: every rank gathers the full state
     error: BaseException | None = None
-    try:
-        optim_state = optimizer.state_dict()  # collective for ShardedOptimizer: every rank gathers
-    except Exception as e:  # pragma: no cover - the engine's gather does not fail rank-locally
-        error = e
-    if ctx.rank == 0 and error is None:
+    if ctx.rank == 0:
         try:
             _atomic_save(_payload(model, optimizer, optim_state, extra, ctx.world), path)
         except Exception as e:
@@ -418,9 +442,11 @@ def load_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module,
     try:
         payload = _read(path)
         _validate(payload, path, model, optimizer)
-    except Exception as e:
-        error = e
-        payload = None
+    except (FileNotFoundError, CheckpointError) as e:
+        error, payload = e, None
+    except Exception as e:  # e.g. hand-edited metadata of the wrong shape
+        error, payload = CheckpointError(f"checkpoint {path!r} is malformed ({type(e).__name__}: {e})"), None
+        error.__cause__ = e
     _agree(ctx, error, f"loading checkpoint {path!r}")
     with torch.no_grad():
         model.load_state_dict(payload["model"])

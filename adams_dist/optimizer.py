@@ -398,7 +398,9 @@ class ShardedOptimizer(Optimizer):
                 loss = closure()
         self._check_grads()
         grads = self._local_grads()
-        spectral_slots = [s for s in self._slots if s.spectral is not None]
+        # weight_decay == 0 switches spectral decay off entirely for the group: no power iteration either
+        spectral_slots = [s for s in self._slots
+                          if s.spectral is not None and float(self.param_groups[s.group_index]["weight_decay"]) != 0]
 
         # One SUM all-reduce: [grad norm^2, has-grad flags, W^T u partials of every matrix].
         need_norm = self.max_grad_norm is not None or self.skip_nonfinite
@@ -466,6 +468,8 @@ class ShardedOptimizer(Optimizer):
             for slot, st in zip(slots, states):
                 if slot.spectral is None:
                     plain.append(st["master_param"])
+                    continue
+                if wd == 0.0:
                     continue
                 v, dead = spectral.normalize_heads(wtu[slot.index])
                 coef = lr * wd * math.sqrt(slot.spectral.rows)

@@ -35,6 +35,8 @@ def _adamw_kernel(p, g, m, v, one_minus_b1: float, b2: float, one_minus_b2: floa
 
 
 _compiled_cache: dict[Callable, Callable] = {}
+# Below this many elements a compiled call's fixed cost (guards, wrappers) exceeds what fusion saves.
+COMPILED_MIN_NUMEL = 1 << 15
 
 
 def _compiled(fn: Callable) -> Callable:
@@ -42,6 +44,16 @@ def _compiled(fn: Callable) -> Callable:
     if fn not in _compiled_cache:
         _compiled_cache[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
     return _compiled_cache[fn]
+
+
+def _subset(idx: list[int], params: Tensors, grads: Tensors, state: dict[str, Tensors], steps: Sequence[float]):
+    pick = lambda ts: [ts[i] for i in idx]  # noqa: E731
+    return pick(params), pick(grads), {k: pick(v) for k, v in state.items()}, pick(list(steps))
+
+
+def _large(*lists: Sequence[Any]):
+    """Rows of ``zip(*lists)`` whose first tensor is big enough for the compiled kernel."""
+    return (row for row in zip(*lists) if row[0].numel() >= COMPILED_MIN_NUMEL)
 
 
 def compile_supported(device: torch.device) -> bool:
@@ -119,8 +131,11 @@ class Atan2Rule(Rule):
         inside = bool(group.get("bias_correction_in_atan2", False))
         exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
         if compiled:
+            small = [i for i, p in enumerate(params) if p.numel() < COMPILED_MIN_NUMEL]
+            if small:
+                self.apply(*_subset(small, params, grads, state, steps), group, lr, reduce_min)
             fn = _compiled(_atan2_kernel)
-            for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+            for p, g, m, v, t in _large(params, grads, exp_avgs, exp_avg_sqs, steps):
                 c1, c2 = 1.0 - beta1**t, 1.0 - beta2**t
                 fn(p, g, m, v, 1.0 - beta1, beta2, 1.0 - beta2, 1.0 / c1 if inside else 1.0, math.sqrt(c2) / b,
                    -lr * a if inside else -lr * a / c1)
@@ -148,8 +163,11 @@ class AdamWRule(Rule):
         beta1, beta2 = group["betas"]
         exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
         if compiled:
+            small = [i for i, p in enumerate(params) if p.numel() < COMPILED_MIN_NUMEL]
+            if small:
+                self.apply(*_subset(small, params, grads, state, steps), group, lr, reduce_min)
             fn = _compiled(_adamw_kernel)
-            for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+            for p, g, m, v, t in _large(params, grads, exp_avgs, exp_avg_sqs, steps):
                 c1, c2 = 1.0 - beta1**t, 1.0 - beta2**t
                 fn(p, g, m, v, 1.0 - beta1, beta2, 1.0 - beta2, math.sqrt(c2), float(group["eps"]), -lr / c1)
             return
