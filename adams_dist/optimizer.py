@@ -88,11 +88,13 @@ class ShardedOptimizer(Optimizer):
         self._ready_slots: set[int] = set()
         self._no_sync = False
         self._hook_handles: list[Any] = []
+        self._versions: dict[int, int] = {}  # param version after our last write: a change means the user edited it
         self._presharded = False  # parameters are DTensors sharded by FSDP2: update local rows only
         self._built = False
         super().__init__(params, defaults)
         self._build(range(len(self.param_groups)))
         self._built = True
+        self._record_versions()
 
     # ------------------------------------------------------------------ construction
 
@@ -130,6 +132,7 @@ class ShardedOptimizer(Optimizer):
             raise
         if self._built:
             self._build([len(self.param_groups) - 1])
+            self._record_versions()
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         lr = group["lr"]
@@ -369,6 +372,17 @@ class ShardedOptimizer(Optimizer):
         norms = torch._foreach_norm(present)
         return torch.stack([n.float() for n in norms]).square().sum()
 
+    def _scale_grads(self, grads: list[torch.Tensor | None], coef: torch.Tensor) -> None:
+        """Clip the gradients the update will use; with local gradients, ``p.grad`` too (as torch does)."""
+        present = [g for g in grads if g is not None]
+        if present:
+            torch._foreach_mul_(present, coef)
+        if self._comm is None or self._presharded:
+            for slot, g in zip(self._slots, grads):
+                pg = slot.param.grad
+                if g is not None and pg is not None and fsdp.local_tensor(pg).data_ptr() != g.data_ptr():
+                    pg.mul_(coef.to(pg.dtype))
+
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Average the gradients now, clip them to ``max_norm`` by their true global norm, return the norm.
@@ -383,10 +397,7 @@ class ShardedOptimizer(Optimizer):
         if self._comm is not None:
             self._comm.all_reduce(norm_sq)
         norm = norm_sq.sqrt()
-        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        present = [g for g in grads if g is not None]
-        if present:
-            torch._foreach_mul_(present, coef)
+        self._scale_grads(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
         self.last_grad_norm = norm
         return norm
 
@@ -397,6 +408,7 @@ class ShardedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_grads()
+        self._adopt_edited_params()
         grads = self._local_grads()
         # weight_decay == 0 switches spectral decay off entirely for the group: no power iteration either
         spectral_slots = [s for s in self._slots
@@ -422,10 +434,7 @@ class ShardedOptimizer(Optimizer):
                 self._discard_reduced()
                 return loss
             if self.max_grad_norm is not None:
-                coef = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
-                present = [g for g in grads if g is not None]
-                if present:
-                    torch._foreach_mul_(present, coef)
+                self._scale_grads(grads, (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0))
 
         wtu: dict[int, torch.Tensor] = {}
         offset = 1 + len(self._slots)
@@ -502,14 +511,30 @@ class ShardedOptimizer(Optimizer):
         return self.rule.kernel_path(self._device or torch.device("cpu"), self.kernel)
 
     def _reduce_min(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.to(device=self._device, dtype=torch.float32)
+        t = t.to(device=self._device, dtype=torch.float64)
         if self._comm is not None:
             self._comm.all_reduce(t, op=dist.ReduceOp.MIN)
         return t.cpu()
 
     # ------------------------------------------------------------------ parameters out
 
+    def _record_versions(self) -> None:
+        self._versions = {s.index: fsdp.local_tensor(s.param)._version for s in self._slots}
+
+    def _adopt_edited_params(self) -> None:
+        """Take in parameters the user changed since our last write (e.g. loaded weights) as masters."""
+        for slot in self._slots:
+            local = fsdp.local_tensor(slot.param)
+            if local._version != self._versions.get(slot.index):
+                master = self.state[slot.param]["master_param"]
+                if master.data_ptr() != local.data_ptr():
+                    master.copy_(self._local_rows_of(slot, slot.param.detach()))
+
     def _write_back(self) -> None:
+        self._write_params()
+        self._record_versions()
+
+    def _write_params(self) -> None:
         if self._comm is None or self._presharded:
             for slot in self._slots:
                 p, master = fsdp.local_tensor(slot.param.detach()), self.state[slot.param]["master_param"]
@@ -538,14 +563,6 @@ class ShardedOptimizer(Optimizer):
         buffers = list(buffers)
         if self._comm is not None:
             self._comm.broadcast_tensors(buffers)
-
-    @torch.no_grad()
-    def reload_params(self) -> None:
-        """Take the model's current parameter values as the new master weights (after editing them)."""
-        for slot in self._slots:
-            master = self.state[slot.param]["master_param"]
-            if master.data_ptr() != fsdp.local_tensor(slot.param.detach()).data_ptr():
-                master.copy_(self._local_rows_of(slot, slot.param.detach()))
 
     def _local_rows_of(self, slot: Slot, full: torch.Tensor) -> torch.Tensor:
         """This rank's flat rows of a parameter-shaped tensor (full tensor or DTensor)."""
@@ -731,6 +748,7 @@ class ShardedOptimizer(Optimizer):
                 new.__dict__[key] = copy.deepcopy(value, memo)
         if new._comm is not None and new.overlap:
             new._register_hooks(new._slots)
+        new._record_versions()  # copied tensors restart their version counters
         return new
 
     def __getstate__(self) -> dict[str, Any]:
@@ -742,3 +760,5 @@ class ShardedOptimizer(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        if "_slots" in state:
+            self._record_versions()

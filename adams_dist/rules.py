@@ -20,11 +20,11 @@ KERNELS = ("auto", "foreach", "compiled")
 
 
 def _atan2_kernel(p, g, m, v, one_minus_b1: float, b2: float, one_minus_b2: float, k_in: float,
-                  den_div: float, scale: float) -> None:
+                  den_mul: float, scale: float) -> None:
     """The whole atan2 update of one tensor; torch.compile fuses it into a single pass over memory."""
     m.lerp_(g, one_minus_b1)
     v.mul_(b2).addcmul_(g, g, value=one_minus_b2)
-    p.add_(torch.atan2(m * k_in, v.sqrt() / den_div) * scale)
+    p.add_(torch.atan2(m * k_in, v.sqrt() * den_mul) * scale)
 
 
 def _adamw_kernel(p, g, m, v, one_minus_b1: float, b2: float, one_minus_b2: float, sqrt_c2: float,
@@ -105,9 +105,14 @@ class Rule:
         return "compiled" if device.type == "cuda" and compile_supported(device) else "foreach"
 
     def validate(self, group: dict[str, Any]) -> None:
-        eps = group.get("eps")
-        if eps is not None and not (isinstance(eps, (int, float)) and eps >= 0.0):
-            raise ValueError(f"Invalid eps value: {eps!r} (must be a float >= 0)")
+        for key, low, inclusive in (("eps", 0.0, True), ("a", 0.0, False), ("b", 0.0, True)):
+            if key not in group:
+                continue
+            value = group[key]
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                value >= low if inclusive else value > low)
+            if not ok:
+                raise ValueError(f"Invalid {key} value: {value!r} (must be a float {'>=' if inclusive else '>'} {low})")
 
     def apply(self, params: Tensors, grads: Tensors, state: dict[str, Tensors], steps: Sequence[float],
               group: dict[str, Any], lr: float, reduce_min: ReduceMin, compiled: bool = False) -> None:
@@ -137,13 +142,13 @@ class Atan2Rule(Rule):
             fn = _compiled(_atan2_kernel)
             for p, g, m, v, t in _large(params, grads, exp_avgs, exp_avg_sqs, steps):
                 c1, c2 = 1.0 - beta1**t, 1.0 - beta2**t
-                fn(p, g, m, v, 1.0 - beta1, beta2, 1.0 - beta2, 1.0 / c1 if inside else 1.0, math.sqrt(c2) / b,
+                fn(p, g, m, v, 1.0 - beta1, beta2, 1.0 - beta2, 1.0 / c1 if inside else 1.0, b / math.sqrt(c2),
                    -lr * a if inside else -lr * a / c1)
             return
         update_moments(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
         c1, c2 = bias_corrections(steps, beta1, beta2)
         denoms = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denoms, [math.sqrt(c) / b for c in c2])
+        torch._foreach_mul_(denoms, [b / math.sqrt(c) for c in c2])  # b = 0 is sign descent
         nums = torch._foreach_div(exp_avgs, c1) if inside else exp_avgs
         for num, den in zip(nums, denoms):
             torch.atan2(num, den, out=den)
@@ -228,8 +233,9 @@ class HomeAdamRule(_TauRule):
         c1, c2 = bias_corrections(steps, beta1, beta2)
         eps, tau = float(group["eps"]), float(group["tau"])
         srf, v_hats = _srf_and_sgd_updates(exp_avgs, exp_avg_sqs, c1, c2, eps)
-        inf = torch.tensor(math.inf)
-        local_mins = torch.stack([v.min().cpu() if v.numel() else inf for v in v_hats]) if v_hats else inf[None]
+        inf = torch.tensor(math.inf, dtype=torch.float64)
+        mins = [v.min().cpu().double() if v.numel() else inf for v in v_hats]
+        local_mins = torch.stack(mins) if mins else inf[None]
         if group.get("per_tensor", False):
             use_srf = (reduce_min(local_mins) >= tau).tolist()
         else:
