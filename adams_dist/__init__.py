@@ -4,6 +4,7 @@ One engine runs as a drop-in optimizer in one process (CPU, CUDA, MPS) and, unde
 shards master weights and moments across ranks, averaging gradients internally.
 """
 
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .info import info
 from .optimizer import ShardedOptimizer
 from .optimizers import (
@@ -27,6 +28,7 @@ __all__ = [
     "AdamATan2",
     "AdamSRF",
     "AdamW",
+    "CheckpointError",
     "Adams",
     "Adams_ZeRO",
     "HomeAdam",
@@ -35,5 +37,7 @@ __all__ = [
     "create_optimizer",
     "info",
     "init_distributed",
+    "load_checkpoint",
+    "save_checkpoint",
     "set_heads",
 ]

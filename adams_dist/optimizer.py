@@ -688,8 +688,9 @@ class ShardedOptimizer(Optimizer):
             for k, v in saved.items():
                 if k not in ("params", "param_names"):
                     group[k] = copy.deepcopy(v)
+        saved_ids = self._saved_ids(state_dict)
         for slot in self._slots:
-            entry = state_dict["state"][slot.index]
+            entry = state_dict["state"][saved_ids[slot.index]]
             state = self.state[slot.param]
             state["step"].copy_(torch.as_tensor(entry["step"]))
             for name in ("master_param", *self.rule.state_names):
@@ -719,8 +720,9 @@ class ShardedOptimizer(Optimizer):
                 raise ValueError(f"param group {gi}: state dict has {len(saved['params'])} params, "
                                  f"this optimizer has {len(mine['params'])}")
         required = ("step", "master_param", *self.rule.state_names)
+        saved_ids = self._saved_ids(sd)
         for slot in self._slots:
-            entry = sd["state"].get(slot.index)
+            entry = sd["state"].get(saved_ids[slot.index])
             where = f"parameter #{slot.index} (shape {tuple(slot.param.shape)})"
             if entry is None:
                 raise ValueError(f"state dict has no state for {where}")
@@ -732,6 +734,15 @@ class ShardedOptimizer(Optimizer):
             if slot.spectral is not None:
                 if "u" not in entry or entry["u"].numel() != slot.rows:
                     raise ValueError(f"state dict entry for {where} lacks a matching spectral 'u'")
+                sigma = entry.get("sigma")
+                if sigma is not None and torch.as_tensor(sigma).numel() != slot.spectral.heads:
+                    raise ValueError(f"state dict 'sigma' for {where} has {torch.as_tensor(sigma).numel()} heads, "
+                                     f"this optimizer has {slot.spectral.heads} (was set_heads applied the same way?)")
+
+    @staticmethod
+    def _saved_ids(sd: dict[str, Any]) -> list[Any]:
+        """State keys in parameter order, read from the saved groups (as torch.optim does)."""
+        return [pid for group in sd["param_groups"] for pid in group["params"]]
 
     # ------------------------------------------------------------------ copying
 
