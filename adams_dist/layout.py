@@ -73,16 +73,18 @@ def make_slot(p: torch.Tensor, index: int, group_index: int, world_size: int, ra
                 row_start=row_start, local_rows=local_rows)
 
 
-def pack_buckets(slots: list[Slot], bucket_bytes: int, world_size: int) -> list[Bucket]:
-    """Greedily pack slots (in the given order) into buckets of at most ``bucket_bytes`` in total."""
+def pack_buckets(slots: list[Slot], bucket_bytes: int, world_size: int, min_elem_bytes: int = 1) -> list[Bucket]:
+    """Greedily pack slots (in the given order) into buckets of at most ``bucket_bytes`` in total,
+    counting each element as at least ``min_elem_bytes`` (the gradient staging dtype's size)."""
     buckets: list[Bucket] = []
     current: dict[tuple[torch.dtype, torch.device], Bucket] = {}
     for slot in slots:
         p = slot.param
         key = (p.dtype, p.device)
         bucket = current.get(key)
-        size = slot.section_numel * world_size * p.element_size()
-        used = bucket.section_numel * world_size * p.element_size() if bucket else 0
+        elem = max(p.element_size(), min_elem_bytes)
+        size = slot.section_numel * world_size * elem
+        used = bucket.section_numel * world_size * elem if bucket else 0
         if bucket is None or (bucket.slots and used + size > bucket_bytes):
             bucket = Bucket(p.dtype, p.device)
             buckets.append(bucket)

@@ -26,6 +26,7 @@ from .layout import Bucket, Slot, gather_rows, make_slot, pack_buckets, scatter_
 from .rules import KERNELS, Rule
 
 _ENGINE_KEYS = ("params", "param_names", "initial_lr")
+MAX_IN_FLIGHT = 2  # buckets whose staging buffers may exist at once outside overlap mode
 
 
 class ShardedOptimizer(Optimizer):
@@ -47,7 +48,12 @@ class ShardedOptimizer(Optimizer):
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
         kernel: str = "auto",
+        **unknown: Any,
     ):
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s) {sorted(unknown)}; engine "
+                            "options are master_dtype, process_group, bucket_mb, overlap, grad_comm_dtype, "
+                            "max_grad_norm, skip_nonfinite, kernel")
         if not (isinstance(master_dtype, torch.dtype) and master_dtype.is_floating_point):
             raise TypeError(f"master_dtype must be a floating torch.dtype, got {master_dtype!r}")
         if not (isinstance(bucket_mb, (int, float)) and bucket_mb > 0):
@@ -84,7 +90,7 @@ class ShardedOptimizer(Optimizer):
         self._device: torch.device | None = None
         self._reduced: dict[int, torch.Tensor] | None = None  # bucket -> averaged gradient shard
         self._grads: list[torch.Tensor | None] | None = None  # this step's local gradient rows per slot
-        self._pending: dict[int, tuple[Any, torch.Tensor]] = {}  # bucket -> (work, shard) in flight
+        self._pending: dict[int, tuple[Any, torch.Tensor, torch.Tensor]] = {}  # bucket -> (work, shard, staging)
         self._ready_slots: set[int] = set()
         self._no_sync = False
         self._hook_handles: list[Any] = []
@@ -205,7 +211,8 @@ class ShardedOptimizer(Optimizer):
         self._comm.check_same_everywhere(self._fingerprint(group_indices), "the optimizer's parameter list")
         self._comm.broadcast_tensors([s.param for s in new_slots])  # everyone starts from rank 0's weights
         bucket_bytes = int(self.bucket_mb * 2**20)
-        for bucket in pack_buckets(list(reversed(new_slots)), bucket_bytes, self.world_size):
+        comm_bytes = torch.empty((), dtype=self.grad_comm_dtype).element_size()
+        for bucket in pack_buckets(list(reversed(new_slots)), bucket_bytes, self.world_size, comm_bytes):
             self._init_bucket_state(bucket)
             self._buckets.append(bucket)
         if self.overlap:
@@ -279,19 +286,29 @@ class ShardedOptimizer(Optimizer):
             if slot.param.grad is not None:
                 scatter_rows(slot.param.grad.reshape(-1), inp, slot, w)
         shard = torch.empty(bucket.section_numel, dtype=self.grad_comm_dtype, device=bucket.device)
-        self._pending[bi] = (self._comm.reduce_scatter(shard, inp), shard)
+        self._pending[bi] = (self._comm.reduce_scatter(shard, inp), shard, inp)
 
     def _reduce_gradients(self) -> dict[int, torch.Tensor]:
-        """Averaged gradient shards per bucket (launching the buckets the hooks have not, in order)."""
+        """Averaged gradient shards per bucket (launching the buckets the hooks have not, in order).
+
+        At most MAX_IN_FLIGHT staging buffers are launched from here at once, so a step's extra memory
+        is a couple of buckets, not a full copy of the gradients.
+        """
         if self._reduced is None:
-            for bi in range(len(self._buckets)):
-                if bi not in self._pending:
-                    self._launch(bi)
-            reduced = {}
-            for bi, (work, shard) in sorted(self._pending.items()):
+            reduced: dict[int, torch.Tensor] = {}
+
+            def finish(bi: int) -> None:
+                work, shard, _staging = self._pending.pop(bi)
                 work.wait()
                 reduced[bi] = shard.to(self.master_dtype).div_(self.world_size)
-            self._pending.clear()
+
+            for bi in range(len(self._buckets)):
+                if bi not in self._pending:
+                    while len(self._pending) >= MAX_IN_FLIGHT:
+                        finish(min(self._pending))
+                    self._launch(bi)
+            while self._pending:
+                finish(min(self._pending))
             self._ready_slots.clear()
             self._reduced = reduced
         return self._reduced
@@ -356,7 +373,7 @@ class ShardedOptimizer(Optimizer):
         super().zero_grad(set_to_none=set_to_none)
 
     def _discard_reduced(self) -> None:
-        for work, _ in self._pending.values():
+        for work, _, _ in self._pending.values():
             work.wait()
         self._pending.clear()
         self._ready_slots.clear()
@@ -448,8 +465,9 @@ class ShardedOptimizer(Optimizer):
             slots = [s for s in self._slots if s.group_index == gi and active[s.index]]
             if slots:
                 self._update_group(group, slots, grads, wtu)
+        del grads
+        self._discard_reduced()  # free the gradient shards before the all-gather buffers exist
         self._write_back()
-        self._discard_reduced()
         return loss
 
     def _partial_wtu(self, slot: Slot) -> torch.Tensor:
@@ -541,21 +559,27 @@ class ShardedOptimizer(Optimizer):
                 if master.data_ptr() != p.data_ptr() or p.dtype != master.dtype:
                     p.copy_(master.view(p.shape))
             return
-        gathers = []
+        in_flight: list[tuple[Any, torch.Tensor, torch.Tensor, Bucket]] = []
         for bucket, flat in zip(self._buckets, self._bucket_state):
             send = flat["master_param"].to(bucket.dtype)
             out = torch.empty(bucket.section_numel * self.world_size, dtype=bucket.dtype, device=bucket.device)
-            gathers.append((self._comm.all_gather(out, send), out, bucket))
-        for work, out, bucket in gathers:
-            work.wait()
-            for slot in bucket.slots:
-                p = slot.param.detach()
-                if p.is_contiguous():
-                    gather_rows(out, slot, self.world_size, p.view(-1))
-                else:
-                    tmp = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
-                    gather_rows(out, slot, self.world_size, tmp)
-                    p.copy_(tmp.view(p.shape))
+            in_flight.append((self._comm.all_gather(out, send), out, send, bucket))
+            if len(in_flight) >= MAX_IN_FLIGHT:
+                self._unpack(*in_flight.pop(0))
+        for gather in in_flight:
+            self._unpack(*gather)
+
+    def _unpack(self, work: Any, out: torch.Tensor, _send: torch.Tensor, bucket: Bucket) -> None:
+        """Wait for a bucket's all-gather and copy every parameter's rows out of it."""
+        work.wait()
+        for slot in bucket.slots:
+            p = slot.param.detach()
+            if p.is_contiguous():
+                gather_rows(out, slot, self.world_size, p.view(-1))
+            else:
+                tmp = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
+                gather_rows(out, slot, self.world_size, tmp)
+                p.copy_(tmp.view(p.shape))
 
     @torch.no_grad()
     def broadcast_buffers(self, buffers: Iterable[torch.Tensor]) -> None:

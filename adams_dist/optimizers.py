@@ -13,16 +13,17 @@ from .rules import AdamWRule, Atan2Rule, HomeAdamEWRule, HomeAdamRule, SRFRule
 class Adams_ZeRO(ShardedOptimizer):  # noqa: N801 - name kept from the reference package
     """Adams: atan2 Adam without epsilon, spectral decay on matrices, scalar decay on the rest.
 
-    Arguments, their order and defaults follow adams-torch 0.0.1; engine options are keyword-only.
+    Arguments, their order and defaults follow adams-torch 0.0.1 (``params, master_dtype, process_group,
+    lr, betas, weight_decay, scalar_vector_weight_decay``); pass them by keyword to be safe.
     Unlike the reference, scalar/vector decay also applies when ``weight_decay == 0``.
     """
 
     rule = Atan2Rule()
     uses_spectral_decay = True
 
-    def __init__(self, params: Any, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.95),
-                 weight_decay: float = 0.1, scalar_vector_weight_decay: float = 0.1,
-                 master_dtype: torch.dtype = torch.float32, process_group: Any | None = None, **engine: Any):
+    def __init__(self, params: Any, master_dtype: torch.dtype = torch.float32, process_group: Any | None = None,
+                 lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.95),
+                 weight_decay: float = 0.1, scalar_vector_weight_decay: float = 0.1, **engine: Any):
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay,
                         scalar_vector_weight_decay=scalar_vector_weight_decay)
         super().__init__(params, defaults, master_dtype=master_dtype, process_group=process_group, **engine)

@@ -52,3 +52,19 @@ def test_clipping_scales_local_grads_consistently() -> None:
         opt.step()
         torch.testing.assert_close(p.grad.float(), torch.full((4,), 0.5), rtol=1e-2, atol=1e-3)
         assert float(opt.last_grad_norm) == pytest.approx(4.0)
+
+
+def test_adams_positional_order_matches_adams_torch() -> None:
+    """adams-torch: (params, master_dtype, process_group, lr, betas, weight_decay, scalar_vector_weight_decay)."""
+    p = torch.nn.Parameter(torch.ones(2, 3))
+    opt = adams_dist.Adams_ZeRO([p], torch.float32, None, 0.5, (0.8, 0.9), 0.2, 0.3)
+    group = opt.param_groups[0]
+    assert (group["lr"], group["betas"], group["weight_decay"], group["scalar_vector_weight_decay"]) == (
+        0.5, (0.8, 0.9), 0.2, 0.3)
+    with pytest.raises(TypeError, match="master_dtype"):
+        adams_dist.Adams_ZeRO([p], 1e-3)  # lr passed where adams-torch expects master_dtype
+
+
+def test_unknown_keyword_names_the_class() -> None:
+    with pytest.raises(TypeError, match=r"HomeAdam got unexpected keyword argument\(s\) \['foreach'\]"):
+        adams_dist.HomeAdam([torch.nn.Parameter(torch.ones(2))], foreach=True)

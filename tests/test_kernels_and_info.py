@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import adams_dist
-from adams_dist.rules import compile_supported
+from adams_dist.rules import COMPILED_MIN_NUMEL, compile_supported
 
-SHAPES = [(7, 5), (3, 5, 7), (13,), (), (64, 33)]
+SHAPES = [(7, 5), (3, 5, 7), (13,), (), (64, 33), (256, 160)]  # the last is big enough to compile
 
 
 def trajectory(name: str, kernel: str, **hp) -> tuple[list[torch.Tensor], str]:
@@ -37,6 +37,7 @@ def test_compiled_matches_foreach(name: str, hp: dict) -> None:
     fast, path = trajectory(name, "compiled", **hp)
     slow, slow_path = trajectory(name, "foreach", **hp)
     assert (path, slow_path) == ("compiled", "foreach")
+    assert max(torch.Size(s).numel() for s in SHAPES) >= COMPILED_MIN_NUMEL  # torch.compile really ran
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     torch.manual_seed(0)
