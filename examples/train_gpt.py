@@ -295,6 +295,8 @@ def main() -> None:
     if (args.ckpt_every or args.resume) and not hasattr(adams_dist, "save_checkpoint") and info.is_main:
         print("note: this adams_dist has no save_checkpoint/load_checkpoint; --ckpt-every/--resume do nothing")
     start = maybe_resume(args, model, optimizer, scheduler)
+    if start and info.is_main:
+        print(f"resumed from {Path(args.out_dir) / 'ckpt.pt'} at step {start}")
 
     watched = {
         "blocks.0.attn.qkv": model.blocks[0].attn.qkv.weight,
