@@ -176,3 +176,48 @@ def test_dcp_checkpoint_reshards_2_to_4() -> None:
     for res in results:
         for got, exp in zip(res, expected):
             torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
+
+
+DT_SHAPES = [(3, 5), (7, 5), (2, 3, 4), (13,), (9, 6)]
+
+
+def dt_grad(step: int, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(100 * step + sum(shape)))
+
+
+def dt_params() -> list[nn.Parameter]:
+    g = torch.Generator().manual_seed(7)
+    params = [nn.Parameter(torch.randn(s, generator=g)) for s in DT_SHAPES]
+    return params
+
+
+def distribute_tensor_worker(rank: int, world: int) -> list[torch.Tensor]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    params = [nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)])) for p in dt_params()]
+    adams_dist.set_heads(params[4], 3)
+    assert params[0].to_local().shape[0] == (0 if rank == 3 else 1)  # (3, 5) over 4 ranks: one rank is empty
+    opt = adams_dist.Adams_ZeRO(params, lr=1e-2, weight_decay=0.5)
+    for step in range(8):
+        for p in params:  # gradients arrive already averaged, as FSDP2 delivers them
+            p.grad = distribute_tensor(dt_grad(step, tuple(p.shape)), mesh, [Shard(0)])
+        opt.step()
+    return [p.full_tensor().detach().clone() for p in params] + list(opt.spectral_sigmas().values())
+
+
+def test_distribute_tensor_params_with_uneven_and_empty_shards() -> None:
+    results = run(distribute_tensor_worker, 4, timeout=300)
+    params = dt_params()
+    adams_dist.set_heads(params[4], 3)
+    opt = adams_dist.Adams_ZeRO(params, lr=1e-2, weight_decay=0.5)
+    for step in range(8):
+        for p in params:
+            p.grad = dt_grad(step, tuple(p.shape))
+        opt.step()
+    expected = [p.detach() for p in params] + list(opt.spectral_sigmas().values())
+    for res in results:
+        assert len(res) == len(expected)
+        for got, exp in zip(res, expected):
+            torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
