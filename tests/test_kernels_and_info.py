@@ -67,3 +67,30 @@ def test_info_cli_json() -> None:
                           timeout=120, check=True).stdout
     assert "torch: " + torch.__version__ in text
     assert adams_dist.info()["devices"]["cpu"] is True
+
+
+@pytest.mark.skipif(not compile_supported(torch.device("cpu")), reason="no C++ compiler for torch.compile")
+def test_torch_compile_of_a_whole_training_step() -> None:
+    """torch.compile(train_step) with optimizer.step() inside runs and follows the eager trajectory."""
+    x, y = torch.randn(32, 8, generator=torch.Generator().manual_seed(1)), torch.randn(32, 4)
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+        return model, adams_dist.Adams_ZeRO(model.parameters(), lr=1e-2)
+
+    def train_step(model, opt):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.detach()
+
+    eager, compiled = make(), make()
+    step = torch.compile(train_step)
+    for _ in range(4):
+        a, b = train_step(*eager), step(*compiled)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for p, q in zip(eager[0].parameters(), compiled[0].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert float(compiled[1].state[next(compiled[0].parameters())]["step"]) == 4
