@@ -51,6 +51,18 @@ def _subset(idx: list[int], params: Tensors, grads: Tensors, state: dict[str, Te
     return pick(params), pick(grads), {k: pick(v) for k, v in state.items()}, pick(list(steps))
 
 
+_scratch_buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _scratch(like: torch.Tensor) -> torch.Tensor:
+    """A reused buffer shaped like ``like``: fresh full-size temporaries cost page faults on every step."""
+    key = (like.device, like.dtype)
+    buf = _scratch_buffers.get(key)
+    if buf is None or buf.numel() < like.numel():
+        buf = _scratch_buffers[key] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+    return buf[: like.numel()].view(like.shape)
+
+
 def _large(*lists: Sequence[Any]):
     """Rows of ``zip(*lists)`` whose first tensor is big enough for the compiled kernel."""
     return (row for row in zip(*lists) if row[0].numel() >= COMPILED_MIN_NUMEL)
@@ -145,6 +157,21 @@ class Atan2Rule(Rule):
                 fn(p, g, m, v, 1.0 - beta1, beta2, 1.0 - beta2, 1.0 / c1 if inside else 1.0, b / math.sqrt(c2),
                    -lr * a if inside else -lr * a / c1)
             return
+        large = [i for i, p in enumerate(params) if p.numel() >= COMPILED_MIN_NUMEL]
+        if large:  # big tensors: one at a time through a reused scratch buffer (no fresh full-size temporaries)
+            for p, g, m, v, t in _large(params, grads, exp_avgs, exp_avg_sqs, steps):
+                c1_t, c2_t = 1.0 - beta1**t, 1.0 - beta2**t
+                m.lerp_(g, 1.0 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+                den = torch.sqrt(v, out=_scratch(v))
+                # atan2(m / c1, d) == atan2(m, c1 * d) as c1 > 0; b = 0 makes the step sign descent
+                den.mul_(b / math.sqrt(c2_t) * (c1_t if inside else 1.0))
+                p.add_(torch.atan2(m, den, out=den), alpha=-lr * a * (1.0 if inside else 1.0 / c1_t))
+            small = [i for i in range(len(params)) if i not in set(large)]
+            params, grads, state, steps = _subset(small, params, grads, state, steps)
+            exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
+            if not params:
+                return
         update_moments(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
         c1, c2 = bias_corrections(steps, beta1, beta2)
         denoms = torch._foreach_sqrt(exp_avg_sqs)
@@ -176,6 +203,20 @@ class AdamWRule(Rule):
                 c1, c2 = 1.0 - beta1**t, 1.0 - beta2**t
                 fn(p, g, m, v, 1.0 - beta1, beta2, 1.0 - beta2, math.sqrt(c2), float(group["eps"]), -lr / c1)
             return
+        large = [i for i, p in enumerate(params) if p.numel() >= COMPILED_MIN_NUMEL]
+        if large:  # big tensors: one at a time through a reused scratch buffer (no fresh full-size temporaries)
+            eps = float(group["eps"])
+            for p, g, m, v, t in _large(params, grads, exp_avgs, exp_avg_sqs, steps):
+                c1_t, c2_t = 1.0 - beta1**t, 1.0 - beta2**t
+                m.lerp_(g, 1.0 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+                den = torch.sqrt(v, out=_scratch(v)).div_(math.sqrt(c2_t)).add_(eps)
+                p.addcdiv_(m, den, value=-lr / c1_t)
+            small = [i for i in range(len(params)) if i not in set(large)]
+            params, grads, state, steps = _subset(small, params, grads, state, steps)
+            exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
+            if not params:
+                return
         update_moments(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
         c1, c2 = bias_corrections(steps, beta1, beta2)
         denoms = torch._foreach_sqrt(exp_avg_sqs)

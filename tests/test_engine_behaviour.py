@@ -68,3 +68,31 @@ def test_adams_positional_order_matches_adams_torch() -> None:
 def test_unknown_keyword_names_the_class() -> None:
     with pytest.raises(TypeError, match=r"HomeAdam got unexpected keyword argument\(s\) \['foreach'\]"):
         adams_dist.HomeAdam([torch.nn.Parameter(torch.ones(2))], foreach=True)
+
+
+@pytest.mark.parametrize("name,hp", [
+    ("adams", dict(lr=1e-2, weight_decay=0.2)),
+    ("adamatan2", dict(lr=1e-2, a=1.27, b=1.5, bias_correction_in_atan2=True)),
+    ("adamatan2", dict(lr=1e-2, b=0.0)),
+    ("adamw", dict(lr=1e-2, eps=1e-6)),
+])
+def test_large_tensor_path_equals_foreach_path(name, hp, monkeypatch) -> None:
+    """Tensors above COMPILED_MIN_NUMEL stream through a scratch buffer; same numbers as the foreach ops."""
+    import adams_dist.rules as rules
+
+    def run() -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s)) for s in [(300, 200), (7, 5), (70000,)]]
+        opt = adams_dist.create_optimizer(name, params, kernel="foreach", **hp)
+        for step in range(4):
+            gen = torch.Generator().manual_seed(step)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        return [p.detach().clone() for p in params]
+
+    streamed = run()
+    monkeypatch.setattr(rules, "COMPILED_MIN_NUMEL", 1 << 40)  # everything through the foreach ops
+    foreach = run()
+    for a, b in zip(streamed, foreach):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
