@@ -63,11 +63,6 @@ def _scratch(like: torch.Tensor) -> torch.Tensor:
     return buf[: like.numel()].view(like.shape)
 
 
-def _large(*lists: Sequence[Any]):
-    """Rows of ``zip(*lists)`` whose first tensor is big enough for the compiled kernel."""
-    return (row for row in zip(*lists) if row[0].numel() >= COMPILED_MIN_NUMEL)
-
-
 def compile_supported(device: torch.device) -> bool:
     """Whether torch.compile can build kernels here: Triton for CUDA, a C++ compiler for CPU."""
     import shutil
@@ -97,8 +92,8 @@ def bias_corrections(steps: Sequence[float], beta1: float, beta2: float) -> tupl
 class Rule:
     """An element-wise update: moments in, ``params -= update`` out.
 
-    ``apply`` runs the portable foreach path; rules with a ``kernel`` also run it compiled
-    (``compiled=True``), one fused pass per tensor with the same arithmetic.
+    ``apply`` runs the portable path; rules with a ``kernel`` also run it compiled (``compiled=True``),
+    one fused pass per tensor with the same arithmetic.
     """
 
     name = ""
@@ -131,51 +126,82 @@ class Rule:
         raise NotImplementedError
 
 
-class Atan2Rule(Rule):
+class _TensorwiseRule(Rule):
+    """A rule whose update of one tensor is one function of (p, g, m, v, *scalars).
+
+    Big tensors go through it one at a time: compiled into one fused kernel, or eagerly through a
+    reused scratch buffer (no fresh full-size temporaries). Small tensors take the foreach ops,
+    whose per-call cost is lower.
+    """
+
+    streamed: Callable
+
+    def tensor_args(self, group: dict[str, Any], lr: float, t: float) -> tuple[float, ...]:
+        raise NotImplementedError
+
+    def foreach(self, params: Tensors, grads: Tensors, state: dict[str, Tensors], steps: Sequence[float],
+                group: dict[str, Any], lr: float) -> None:
+        raise NotImplementedError
+
+    def apply(self, params, grads, state, steps, group, lr, reduce_min, compiled=False):
+        assert self.kernel is not None
+        update = _compiled(self.kernel) if compiled else self.streamed
+        big = [i for i, p in enumerate(params) if p.numel() >= COMPILED_MIN_NUMEL]
+        for i in big:
+            update(params[i], grads[i], state["exp_avg"][i], state["exp_avg_sq"][i],
+                   *self.tensor_args(group, lr, steps[i]))
+        small = [i for i in range(len(params)) if i not in set(big)]
+        if small:
+            self.foreach(*_subset(small, params, grads, state, steps), group, lr)
+
+
+def _atan2_streamed(p, g, m, v, one_minus_b1: float, b2: float, one_minus_b2: float, k_in: float,
+                    den_mul: float, scale: float) -> None:
+    """``_atan2_kernel`` in eager ops through a reused scratch buffer."""
+    m.lerp_(g, one_minus_b1)
+    v.mul_(b2).addcmul_(g, g, value=one_minus_b2)
+    den = torch.sqrt(v, out=_scratch(v)).mul_(den_mul / k_in)  # atan2(k*m, d) == atan2(m, d/k) for k > 0
+    p.add_(torch.atan2(m, den, out=den), alpha=scale)
+
+
+def _adamw_streamed(p, g, m, v, one_minus_b1: float, b2: float, one_minus_b2: float, sqrt_c2: float,
+                    eps: float, scale: float) -> None:
+    """``_adamw_kernel`` in eager ops through a reused scratch buffer."""
+    m.lerp_(g, one_minus_b1)
+    v.mul_(b2).addcmul_(g, g, value=one_minus_b2)
+    p.addcdiv_(m, torch.sqrt(v, out=_scratch(v)).div_(sqrt_c2).add_(eps), value=scale)
+
+
+class Atan2Rule(_TensorwiseRule):
     """p -= lr * k_out * a * atan2(m * k_in, b * sqrt(v / c2)); no epsilon.
 
     Bias correction 1 sits outside atan2 by default (k_out = 1/c1, the Adams and fused adam-atan2
-    convention); ``bias_correction_in_atan2`` moves it inside (adam-atan2-pytorch).
+    convention); ``bias_correction_in_atan2`` moves it inside (adam-atan2-pytorch). b = 0 makes the
+    step sign descent.
     """
 
     name = "atan2"
     hyperparams = ("a", "b", "bias_correction_in_atan2")
     kernel = staticmethod(_atan2_kernel)
+    streamed = staticmethod(_atan2_streamed)
 
-    def apply(self, params, grads, state, steps, group, lr, reduce_min, compiled=False):
+    def tensor_args(self, group, lr, t):
+        beta1, beta2 = group["betas"]
+        a, b = float(group.get("a", 1.0)), float(group.get("b", 1.0))
+        c1, c2 = 1.0 - beta1**t, 1.0 - beta2**t
+        if group.get("bias_correction_in_atan2", False):
+            return 1.0 - beta1, beta2, 1.0 - beta2, 1.0 / c1, b / math.sqrt(c2), -lr * a
+        return 1.0 - beta1, beta2, 1.0 - beta2, 1.0, b / math.sqrt(c2), -lr * a / c1
+
+    def foreach(self, params, grads, state, steps, group, lr):
         beta1, beta2 = group["betas"]
         a, b = float(group.get("a", 1.0)), float(group.get("b", 1.0))
         inside = bool(group.get("bias_correction_in_atan2", False))
         exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
-        if compiled:
-            small = [i for i, p in enumerate(params) if p.numel() < COMPILED_MIN_NUMEL]
-            if small:
-                self.apply(*_subset(small, params, grads, state, steps), group, lr, reduce_min)
-            fn = _compiled(_atan2_kernel)
-            for p, g, m, v, t in _large(params, grads, exp_avgs, exp_avg_sqs, steps):
-                c1, c2 = 1.0 - beta1**t, 1.0 - beta2**t
-                fn(p, g, m, v, 1.0 - beta1, beta2, 1.0 - beta2, 1.0 / c1 if inside else 1.0, b / math.sqrt(c2),
-                   -lr * a if inside else -lr * a / c1)
-            return
-        large = [i for i, p in enumerate(params) if p.numel() >= COMPILED_MIN_NUMEL]
-        if large:  # big tensors: one at a time through a reused scratch buffer (no fresh full-size temporaries)
-            for p, g, m, v, t in _large(params, grads, exp_avgs, exp_avg_sqs, steps):
-                c1_t, c2_t = 1.0 - beta1**t, 1.0 - beta2**t
-                m.lerp_(g, 1.0 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-                den = torch.sqrt(v, out=_scratch(v))
-                # atan2(m / c1, d) == atan2(m, c1 * d) as c1 > 0; b = 0 makes the step sign descent
-                den.mul_(b / math.sqrt(c2_t) * (c1_t if inside else 1.0))
-                p.add_(torch.atan2(m, den, out=den), alpha=-lr * a * (1.0 if inside else 1.0 / c1_t))
-            small = [i for i in range(len(params)) if i not in set(large)]
-            params, grads, state, steps = _subset(small, params, grads, state, steps)
-            exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
-            if not params:
-                return
         update_moments(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
         c1, c2 = bias_corrections(steps, beta1, beta2)
         denoms = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_mul_(denoms, [b / math.sqrt(c) for c in c2])  # b = 0 is sign descent
+        torch._foreach_mul_(denoms, [b / math.sqrt(c) for c in c2])
         nums = torch._foreach_div(exp_avgs, c1) if inside else exp_avgs
         for num, den in zip(nums, denoms):
             torch.atan2(num, den, out=den)
@@ -184,39 +210,22 @@ class Atan2Rule(Rule):
         torch._foreach_add_(params, denoms)
 
 
-class AdamWRule(Rule):
+class AdamWRule(_TensorwiseRule):
     """p -= lr * m_hat / (sqrt(v_hat) + eps)."""
 
     name = "adamw"
     hyperparams = ("eps",)
     kernel = staticmethod(_adamw_kernel)
+    streamed = staticmethod(_adamw_streamed)
 
-    def apply(self, params, grads, state, steps, group, lr, reduce_min, compiled=False):
+    def tensor_args(self, group, lr, t):
+        beta1, beta2 = group["betas"]
+        c1, c2 = 1.0 - beta1**t, 1.0 - beta2**t
+        return 1.0 - beta1, beta2, 1.0 - beta2, math.sqrt(c2), float(group["eps"]), -lr / c1
+
+    def foreach(self, params, grads, state, steps, group, lr):
         beta1, beta2 = group["betas"]
         exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
-        if compiled:
-            small = [i for i, p in enumerate(params) if p.numel() < COMPILED_MIN_NUMEL]
-            if small:
-                self.apply(*_subset(small, params, grads, state, steps), group, lr, reduce_min)
-            fn = _compiled(_adamw_kernel)
-            for p, g, m, v, t in _large(params, grads, exp_avgs, exp_avg_sqs, steps):
-                c1, c2 = 1.0 - beta1**t, 1.0 - beta2**t
-                fn(p, g, m, v, 1.0 - beta1, beta2, 1.0 - beta2, math.sqrt(c2), float(group["eps"]), -lr / c1)
-            return
-        large = [i for i, p in enumerate(params) if p.numel() >= COMPILED_MIN_NUMEL]
-        if large:  # big tensors: one at a time through a reused scratch buffer (no fresh full-size temporaries)
-            eps = float(group["eps"])
-            for p, g, m, v, t in _large(params, grads, exp_avgs, exp_avg_sqs, steps):
-                c1_t, c2_t = 1.0 - beta1**t, 1.0 - beta2**t
-                m.lerp_(g, 1.0 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-                den = torch.sqrt(v, out=_scratch(v)).div_(math.sqrt(c2_t)).add_(eps)
-                p.addcdiv_(m, den, value=-lr / c1_t)
-            small = [i for i in range(len(params)) if i not in set(large)]
-            params, grads, state, steps = _subset(small, params, grads, state, steps)
-            exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
-            if not params:
-                return
         update_moments(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
         c1, c2 = bias_corrections(steps, beta1, beta2)
         denoms = torch._foreach_sqrt(exp_avg_sqs)
