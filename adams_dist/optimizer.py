@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.optim.optimizer import Optimizer
 
-from . import fsdp, spectral
+from . import ablations, fsdp, spectral
 from .comm import Comm
 from .layout import Bucket, Slot, gather_rows, make_slot, pack_buckets, scatter_rows
 from .rules import KERNELS, Rule
@@ -96,6 +96,9 @@ class ShardedOptimizer(Optimizer):
         self._hook_handles: list[Any] = []
         self._versions: dict[int, int] = {}  # param version after our last write: a change means the user edited it
         self._presharded = False  # parameters are DTensors sharded by FSDP2: update local rows only
+        # second_moment/rotate ablations (adams_dist/ablations.py, AdamATan2/AdamW, one process only):
+        self._ablated: dict[int, ablations.Layout] = {}  # slot index -> layout, for params off the usual path
+        self._ablation_cfg: dict[int, ablations.Config] = {}  # group index -> options the state was built for
         self._built = False
         super().__init__(params, defaults)
         self._build(range(len(self.param_groups)))
@@ -157,6 +160,7 @@ class ShardedOptimizer(Optimizer):
             if not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
                 raise ValueError(f"Invalid beta parameter at index {i}: {beta!r} (must be in [0, 1))")
         group["betas"] = (float(betas[0]), float(betas[1]))
+        ablations.validate_group(group, supported="second_moment" in self.defaults)
         for key in ("weight_decay", "scalar_vector_weight_decay"):
             if key in group and not (isinstance(group[key], (int, float)) and group[key] >= 0.0):
                 raise ValueError(f"Invalid {key} value: {group[key]!r} (must be >= 0)")
@@ -190,6 +194,11 @@ class ShardedOptimizer(Optimizer):
             comm = Comm(mesh_group)
             self._comm = comm if comm.world_size > 1 else None
             self.world_size, self.rank = comm.world_size, comm.rank
+        if self._comm is not None or self._presharded:
+            ablations.check_single_process([self.param_groups[gi] for gi in group_indices], self.world_size,
+                                           self._presharded)
+        self._ablation_cfg.update({gi: ablations.config(self.param_groups[gi]) for gi in group_indices
+                                   if "second_moment" in self.param_groups[gi]})
         if self._presharded:
             return self._build_presharded(group_indices)
         new_slots: list[Slot] = []
@@ -247,6 +256,11 @@ class ShardedOptimizer(Optimizer):
             state[name] = torch.zeros(p.numel(), dtype=self.master_dtype, device=p.device)
         if slot.spectral is not None:
             state["u"] = torch.ones(slot.local_rows, dtype=self.master_dtype, device=p.device)
+        group = self.param_groups[slot.group_index]
+        layout = ablations.layout_of(p, group)
+        if layout is not None:  # reduced second moment and/or rotation matrices replace the default state
+            layout.init_state(state, slot.index, int(group["rotation_seed"]), self.master_dtype, p.device)
+            self._ablated[slot.index] = layout
         self.state[slot.param] = state
 
     def _init_bucket_state(self, bucket: Bucket) -> None:
@@ -334,7 +348,7 @@ class ShardedOptimizer(Optimizer):
         bucket_of = {s.index: bi for bi, b in enumerate(self._buckets) for s in b.slots}
         for slot in slots:
             if not slot.param.requires_grad:
-                continue  # frozen: never gets a gradient, so it never holds its bucket back (see _bucket_ready)
+                continue  # frozen: never gets a gradient; the hook treats it as ready so it holds no bucket back
             self._hook_handles.append(
                 slot.param.register_post_accumulate_grad_hook(self._make_hook(slot.index, bucket_of[slot.index]))
             )
@@ -507,6 +521,18 @@ class ShardedOptimizer(Optimizer):
             decay = float(group.get("weight_decay", 0.0))
         if decay != 0.0 and plain:
             torch._foreach_mul_(plain, 1.0 - lr * decay)
+
+        if self._ablation_cfg:  # AdamATan2/AdamW: second_moment/rotate ablations (adams_dist/ablations.py)
+            ablations.check_unchanged(group, self._ablation_cfg[slots[0].group_index])
+            if self._ablated:  # their params take a per-tensor path; the rest goes on below as usual
+                for slot, st, t in zip(slots, states, steps):
+                    if slot.index in self._ablated:
+                        self._ablated[slot.index].update(self.rule.name, st, grads[slot.index], t, group, lr)
+                keep = [i for i, s in enumerate(slots) if s.index not in self._ablated]
+                slots, states, steps = [slots[i] for i in keep], [states[i] for i in keep], [steps[i] for i in keep]
+                masters = [st["master_param"] for st in states]
+                if not slots:
+                    return
 
         gs = [grads[s.index] for s in slots]
         full = [g if g is not None else torch.zeros_like(m) for g, m in zip(gs, masters)]
@@ -686,8 +712,13 @@ class ShardedOptimizer(Optimizer):
         for slot in self._slots:
             p = slot.param
             entry: dict[str, Any] = {"step": self.state[p]["step"].clone()}
+            layout = self._ablated.get(slot.index)
             for name, t in full[slot.index].items():
+                if layout is not None and name in layout.saved_shapes:
+                    continue  # reduced second moment: exported below
                 entry[name] = t if fsdp.is_dtensor(t) else t.view(p.shape[:-1] if name == "u" else p.shape)
+            if layout is not None:
+                entry.update(layout.export(self.state[p]))
             if p in sigmas:
                 entry["sigma"] = sigmas[p].clone()
             state[slot.index] = entry
@@ -717,8 +748,12 @@ class ShardedOptimizer(Optimizer):
             entry = state_dict["state"][saved_ids[slot.index]]
             state = self.state[slot.param]
             state["step"].copy_(torch.as_tensor(entry["step"]))
+            layout = self._ablated.get(slot.index)
             for name in ("master_param", *self.rule.state_names):
-                state[name].copy_(self._local_rows_of(slot, entry[name]))
+                if layout is None or name not in layout.saved_shapes:
+                    state[name].copy_(self._local_rows_of(slot, entry[name]))
+            if layout is not None:
+                layout.load(state, entry)
             if slot.spectral is not None:
                 u = entry["u"]
                 if fsdp.is_dtensor(u) and self._presharded:
@@ -743,6 +778,8 @@ class ShardedOptimizer(Optimizer):
             if len(saved["params"]) != len(mine["params"]):
                 raise ValueError(f"param group {gi}: state dict has {len(saved['params'])} params, "
                                  f"this optimizer has {len(mine['params'])}")
+            if "second_moment" in mine:
+                ablations.check_same_config(mine, saved, gi)
         required = ("step", "master_param", *self.rule.state_names)
         saved_ids = self._saved_ids(sd)
         for slot in self._slots:
@@ -750,11 +787,16 @@ class ShardedOptimizer(Optimizer):
             where = f"parameter #{slot.index} (shape {tuple(slot.param.shape)})"
             if entry is None:
                 raise ValueError(f"state dict has no state for {where}")
+            layout = self._ablated.get(slot.index)
             for name in required:
                 if name not in entry:
                     raise ValueError(f"state dict entry for {where} lacks '{name}'")
+                if layout is not None and name in layout.saved_shapes:
+                    continue  # checked by layout.validate below
                 if name != "step" and tuple(entry[name].shape) != tuple(slot.param.shape):
                     raise ValueError(f"state dict '{name}' for {where} has shape {tuple(entry[name].shape)}")
+            if layout is not None:
+                layout.validate(entry, where)
             if slot.spectral is not None:
                 if "u" not in entry or entry["u"].numel() != slot.rows:
                     raise ValueError(f"state dict entry for {where} lacks a matching spectral 'u'")

@@ -37,26 +37,37 @@ class AdamATan2(ShardedOptimizer):
 
     Defaults follow the fused CUDA adam-atan2 package (bias correction 1 outside atan2, a = b = 1).
     adam-atan2-pytorch is ``a=1.27, betas=(0.9, 0.99), bias_correction_in_atan2=True``.
+    ``second_moment``, ``rotate`` and ``rotation_seed`` are single-process research ablations
+    (adams_dist/ablations.py).
     """
 
     rule = Atan2Rule()
 
     def __init__(self, params: Any, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  weight_decay: float = 0.01, a: float = 1.0, b: float = 1.0,
-                 bias_correction_in_atan2: bool = False, **engine: Any):
+                 bias_correction_in_atan2: bool = False, *, second_moment: str = "element", rotate: bool = False,
+                 rotation_seed: int = 0, **engine: Any):
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, a=a, b=b,
-                        bias_correction_in_atan2=bias_correction_in_atan2)
+                        bias_correction_in_atan2=bias_correction_in_atan2,
+                        second_moment=second_moment, rotate=rotate, rotation_seed=rotation_seed)
         super().__init__(params, defaults, **engine)
 
 
 class AdamW(ShardedOptimizer):
-    """AdamW (decoupled decay), sharded like every optimizer here."""
+    """AdamW (decoupled decay), sharded like every optimizer here.
+
+    ``second_moment``, ``rotate`` and ``rotation_seed`` are single-process research ablations
+    (adams_dist/ablations.py).
+    """
 
     rule = AdamWRule()
 
     def __init__(self, params: Any, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.01, **engine: Any):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay), **engine)
+                 eps: float = 1e-8, weight_decay: float = 0.01, *, second_moment: str = "element",
+                 rotate: bool = False, rotation_seed: int = 0, **engine: Any):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        second_moment=second_moment, rotate=rotate, rotation_seed=rotation_seed)
+        super().__init__(params, defaults, **engine)
 
 
 class AdamSRF(ShardedOptimizer):
