@@ -59,8 +59,9 @@ class Bucket:
     u_numel: int = 0  # u rows per rank over the bucket's spectral slots
 
 
-def make_slot(p: torch.Tensor, index: int, group_index: int, world_size: int, rank: int) -> Slot:
-    shape = SpectralShape.of(p)
+def make_slot(p: torch.Tensor, index: int, group_index: int, world_size: int, rank: int,
+              spectral_enabled: bool = True) -> Slot:
+    shape = SpectralShape.of(p) if spectral_enabled else None
     if shape is not None:
         row_len = shape.cols
         rows = p.numel() // row_len

@@ -204,13 +204,7 @@ class ShardedOptimizer(Optimizer):
         new_slots: list[Slot] = []
         for gi in group_indices:
             for p in self.param_groups[gi]["params"]:
-                slot = make_slot(p, len(self._slots), gi, self.world_size, self.rank)
-                if not self.uses_spectral_decay:
-                    slot.spectral = None
-                    slot.row_len, slot.rows = 1, p.numel()
-                    slot.rows_per_rank = math.ceil(slot.rows / self.world_size) if slot.rows else 0
-                    slot.row_start = min(self.rank * slot.rows_per_rank, slot.rows)
-                    slot.local_rows = max(0, min(slot.rows_per_rank, slot.rows - slot.row_start))
+                slot = make_slot(p, len(self._slots), gi, self.world_size, self.rank, self.uses_spectral_decay)
                 self._slots.append(slot)
                 new_slots.append(slot)
         if self._comm is None:
