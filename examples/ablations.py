@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -25,7 +24,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/ holds train_gpt.py
-from train_gpt import GPT, batch_seed, evaluate, get_batch, load_corpus, unigram_entropy  # noqa: E402
+from train_gpt import (  # noqa: E402
+    GPT,
+    batch_seed,
+    evaluate,
+    get_batch,
+    load_corpus,
+    unigram_entropy,
+    warmup_cosine,
+)
 
 import adams_dist  # noqa: E402
 
@@ -72,13 +79,7 @@ def train(args, name: str, config: str, lr: float, seed: int, data, eval_batches
     optimizer = adams_dist.create_optimizer(name, groups, lr=lr, weight_decay=args.weight_decay,
                                             **CONFIGS[config])
 
-    def lr_factor(step: int) -> float:
-        if step < args.warmup:
-            return (step + 1) / args.warmup
-        progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
-        return args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scheduler = warmup_cosine(optimizer, args.warmup, args.steps, args.min_lr_frac)
     gen, losses = torch.Generator(), []
     t0 = time.perf_counter()
     for step in range(args.steps):

@@ -50,7 +50,15 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/ holds train_gpt.py
 
-from train_gpt import GPT, batch_seed, evaluate, get_batch, load_corpus, unigram_entropy  # noqa: E402
+from train_gpt import (  # noqa: E402
+    GPT,
+    batch_seed,
+    evaluate,
+    get_batch,
+    load_corpus,
+    unigram_entropy,
+    warmup_cosine,
+)
 
 import adams_dist  # noqa: E402
 
@@ -212,13 +220,7 @@ def train_one(setup: Setup, name: str, lr: float, bar: tqdm | None = None) -> di
     model = setup.new_model()
     optimizer = build_optimizer(name, model, lr, args)
 
-    def lr_factor(step: int) -> float:  # train_gpt.py's schedule
-        if step < args.warmup:
-            return (step + 1) / args.warmup
-        progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
-        return args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scheduler = warmup_cosine(optimizer, args.warmup, args.steps, args.min_lr_frac)
     losses: list[float] = []
     reason = None
     t0 = time.perf_counter()

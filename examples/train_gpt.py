@@ -192,6 +192,18 @@ def plot_losses(metrics_path: Path, unigram: float, png_path: Path) -> None:
 # With an adams_dist that predates them, these two functions do nothing.
 
 
+def warmup_cosine(optimizer, warmup: int, steps: int, min_lr_frac: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over ``warmup`` steps, then cosine decay to ``min_lr_frac`` of the peak lr."""
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
 def maybe_save(args, step: int, model, optimizer, scheduler) -> None:
     if not args.ckpt_every or not hasattr(adams_dist, "save_checkpoint"):
         return
@@ -285,13 +297,7 @@ def main() -> None:
     )
     optimizer.broadcast_buffers(model.buffers())
 
-    def lr_factor(step: int) -> float:
-        if step < args.warmup:
-            return (step + 1) / args.warmup
-        progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
-        return args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scheduler = warmup_cosine(optimizer, args.warmup, args.steps, args.min_lr_frac)
     if (args.ckpt_every or args.resume) and not hasattr(adams_dist, "save_checkpoint") and info.is_main:
         print("note: this adams_dist has no save_checkpoint/load_checkpoint; --ckpt-every/--resume do nothing")
     start = maybe_resume(args, model, optimizer, scheduler)
