@@ -118,6 +118,8 @@ def worker(rank: int, world: int, cfg: dict) -> dict:
             t0 = time.perf_counter()
             loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
             loss.backward()
+            if cfg["sync_before_step"]:  # the step phase then excludes waiting for the slowest rank's backward
+                dist.barrier()
             t1 = time.perf_counter()
             opt.step()
             t2 = time.perf_counter()
@@ -178,6 +180,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8, help="sequences per rank")
+    ap.add_argument("--sync-before-step", action="store_true",
+                    help="barrier between backward and step, so 'step ms' is update + collectives only")
     args = ap.parse_args()
     cfg = vars(args)
     rows = [r for w in args.worlds for r in summarize(spawn(worker, w, cfg), w)]
