@@ -234,13 +234,9 @@ class AdamWRule(_TensorwiseRule):
         torch._foreach_addcdiv_(params, exp_avgs, denoms, [-lr / c for c in c1])
 
 
-def _srf_and_sgd_updates(exp_avgs: Tensors, exp_avg_sqs: Tensors, c1: list[float], c2: list[float],
-                         eps: float) -> tuple[Any, Any]:
-    """(m_hat / (v_hat + eps), v_hat) for every tensor."""
-    v_hats = torch._foreach_div(exp_avg_sqs, c2)
-    denoms = torch._foreach_add(v_hats, eps)
-    m_hats = torch._foreach_div(exp_avgs, c1)
-    return torch._foreach_div(m_hats, denoms), v_hats
+def _srf_denominator(v: torch.Tensor, c2: float, eps: float) -> torch.Tensor:
+    """``v + eps*c2``: with it, m_hat / (v_hat + eps) == m * (c2/c1) / (v + eps*c2), one temporary."""
+    return v.add(eps * c2)
 
 
 class SRFRule(Rule):
@@ -254,8 +250,9 @@ class SRFRule(Rule):
         exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
         update_moments(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
         c1, c2 = bias_corrections(steps, beta1, beta2)
-        updates, _ = _srf_and_sgd_updates(exp_avgs, exp_avg_sqs, c1, c2, float(group["eps"]))
-        torch._foreach_add_(params, updates, alpha=-lr)
+        eps = float(group["eps"])
+        for p, m, v, a, b in zip(params, exp_avgs, exp_avg_sqs, c1, c2):
+            p.addcdiv_(m, _srf_denominator(v, b, eps), value=-lr * b / a)
 
 
 class _TauRule(Rule):
@@ -282,19 +279,18 @@ class HomeAdamRule(_TauRule):
         update_moments(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
         c1, c2 = bias_corrections(steps, beta1, beta2)
         eps, tau = float(group["eps"]), float(group["tau"])
-        srf, v_hats = _srf_and_sgd_updates(exp_avgs, exp_avg_sqs, c1, c2, eps)
         inf = torch.tensor(math.inf, dtype=torch.float64)
-        mins = [v.min().cpu().double() if v.numel() else inf for v in v_hats]
+        mins = [v.min().cpu().double() / b if v.numel() else inf for v, b in zip(exp_avg_sqs, c2)]  # min v_hat
         local_mins = torch.stack(mins) if mins else inf[None]
         if group.get("per_tensor", False):
             use_srf = (reduce_min(local_mins) >= tau).tolist()
         else:
             use_srf = [bool(reduce_min(local_mins.min().reshape(1)) >= tau)] * len(params)
-        for p, upd, m, c, srf_ok in zip(params, srf, exp_avgs, c1, use_srf):
+        for p, m, v, a, b, srf_ok in zip(params, exp_avgs, exp_avg_sqs, c1, c2, use_srf):
             if srf_ok:
-                p.add_(upd, alpha=-lr)
+                p.addcdiv_(m, _srf_denominator(v, b, eps), value=-lr * b / a)
             else:
-                p.add_(m, alpha=-lr / c)
+                p.add_(m, alpha=-lr / a)
 
 
 class HomeAdamEWRule(_TauRule):
@@ -308,7 +304,9 @@ class HomeAdamEWRule(_TauRule):
         exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
         update_moments(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
         c1, c2 = bias_corrections(steps, beta1, beta2)
-        tau = float(group["tau"])
-        srf, v_hats = _srf_and_sgd_updates(exp_avgs, exp_avg_sqs, c1, c2, float(group["eps"]))
-        for p, upd, v_hat, m, c in zip(params, srf, v_hats, exp_avgs, c1):
-            p.sub_(torch.where(v_hat >= tau, upd, m / c), alpha=lr)
+        eps, tau = float(group["eps"]), float(group["tau"])
+        for p, m, v, a, b in zip(params, exp_avgs, exp_avg_sqs, c1, c2):
+            # p -= lr/c1 * m * factor, factor = c2 / (v + eps*c2) where v_hat >= tau, else 1 (momentum-SGD)
+            factor = _srf_denominator(v, b, eps).reciprocal_().mul_(b)
+            factor.masked_fill_(v < tau * b, 1.0)
+            p.addcmul_(m, factor, value=-lr / a)
