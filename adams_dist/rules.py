@@ -235,8 +235,8 @@ class AdamWRule(_TensorwiseRule):
 
 
 def _srf_denominator(v: torch.Tensor, c2: float, eps: float) -> torch.Tensor:
-    """``v + eps*c2``: with it, m_hat / (v_hat + eps) == m * (c2/c1) / (v + eps*c2), one temporary."""
-    return v.add(eps * c2)
+    """``v + eps*c2`` in the reused scratch buffer: m_hat / (v_hat + eps) == m * (c2/c1) / (v + eps*c2)."""
+    return torch.add(v, eps * c2, out=_scratch(v))
 
 
 class SRFRule(Rule):
