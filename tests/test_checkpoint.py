@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_harness import run
+from rule_hparams import RULES
 from torch import nn
 
 import adams_dist
@@ -30,14 +31,6 @@ from adams_dist.checkpoint import FORMAT, FORMAT_VERSION, CheckpointError, load_
 
 K, J = 4, 4  # steps before and after the checkpoint
 GLOBAL_BATCH = 12  # divisible by every world size used here, so the averaged gradient is the same
-RULES = {
-    "adams": dict(lr=2e-2, weight_decay=0.5, scalar_vector_weight_decay=0.3),
-    "adamatan2": dict(lr=2e-2, weight_decay=0.1, a=1.27, b=1.5),
-    "adamw": dict(lr=2e-2, weight_decay=0.1),
-    "adamsrf": dict(lr=1e-3, eps=1e-3),
-    "homeadam": dict(lr=1e-3, eps=1e-3, tau=0.5),
-    "homeadamew": dict(lr=1e-3, eps=1e-3, tau=0.5),
-}
 
 
 class Net(nn.Module):

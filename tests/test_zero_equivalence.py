@@ -5,18 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from dist_harness import run
+from rule_hparams import RULES
 
 import adams_dist
 
 SHAPES = [(7, 5), (3, 5, 7), (13,), (), (2, 1, 9), (6, 4), (11, 3)]
-RULES = {
-    "adams": dict(lr=2e-2, weight_decay=0.5, scalar_vector_weight_decay=0.3),
-    "adamatan2": dict(lr=2e-2, weight_decay=0.1, a=1.27, b=1.5),
-    "adamw": dict(lr=2e-2, weight_decay=0.1),
-    "adamsrf": dict(lr=1e-3, eps=1e-3),
-    "homeadam": dict(lr=1e-3, eps=1e-3, tau=0.5),
-    "homeadamew": dict(lr=1e-3, eps=1e-3, tau=0.5),
-}
 STEPS = 20
 
 
