@@ -12,7 +12,6 @@ import contextlib
 import copy
 import math
 import os
-import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.optim.optimizer import Optimizer
 
-from . import ablations, fsdp, spectral
+from . import ablations, fsdp, rules, spectral
 from .comm import Comm
 from .layout import Bucket, Slot, gather_rows, make_slot, pack_buckets, scatter_rows
 from .rules import KERNELS, Rule
@@ -491,57 +490,49 @@ class ShardedOptimizer(Optimizer):
                       wtu: dict[int, torch.Tensor]) -> None:
         lr = float(group["lr"])
         states = [self.state[s.param] for s in slots]
-        masters = [st["master_param"] for st in states]
         for st in states:
             st["step"] += 1
         steps = [float(st["step"]) for st in states]
-
-        plain = masters
-        if self.uses_spectral_decay:
-            wd = float(group["weight_decay"])
-            plain = []
-            for slot, st in zip(slots, states):
-                if slot.spectral is None:
-                    plain.append(st["master_param"])
-                    continue
-                if wd == 0.0:
-                    continue
-                v, dead = spectral.normalize_heads(wtu[slot.index])
-                coef = lr * wd * math.sqrt(slot.spectral.rows)
-                spectral.decay_rows(st["master_param"].view(-1, slot.spectral.cols), st["u"], slot.row_start,
-                                    slot.spectral, v, dead, coef, st["sigma_sq"])
-            decay = float(group["scalar_vector_weight_decay"])
-        else:
-            decay = float(group.get("weight_decay", 0.0))
-        if decay != 0.0 and plain:
-            torch._foreach_mul_(plain, 1.0 - lr * decay)
+        decays = [self._decay(group, slot, st, wtu, lr) for slot, st in zip(slots, states)]
 
         if self._ablation_cfg:  # AdamATan2/AdamW: second_moment/rotate ablations (adams_dist/ablations.py)
             ablations.check_unchanged(group, self._ablation_cfg[slots[0].group_index])
             if self._ablated:  # their params take a per-tensor path; the rest goes on below as usual
-                for slot, st, t in zip(slots, states, steps):
+                for slot, st, t, decay in zip(slots, states, steps, decays):
                     if slot.index in self._ablated:
+                        decay.apply_(st["master_param"])
                         self._ablated[slot.index].update(self.rule.name, st, grads[slot.index], t, group, lr)
                 keep = [i for i, s in enumerate(slots) if s.index not in self._ablated]
-                slots, states, steps = [slots[i] for i in keep], [states[i] for i in keep], [steps[i] for i in keep]
-                masters = [st["master_param"] for st in states]
+                slots, states = [slots[i] for i in keep], [states[i] for i in keep]
+                steps, decays = [steps[i] for i in keep], [decays[i] for i in keep]
                 if not slots:
                     return
 
+        masters = [st["master_param"] for st in states]
         gs = [grads[s.index] for s in slots]
         full = [g if g is not None else torch.zeros_like(m) for g, m in zip(gs, masters)]
         rule_state = {name: [st[name] for st in states] for name in self.rule.state_names}
-        if self.kernel_path == "compiled":
-            try:
-                self.rule.apply(masters, full, rule_state, steps, group, lr, self._reduce_min, compiled=True)
-                return
-            except Exception as err:  # a broken toolchain must not stop training when the user did not ask
-                if self.kernel == "compiled":
-                    raise RuntimeError(f"kernel='compiled' was requested but torch.compile failed: {err}") from err
-                warnings.warn(f"{type(self).__name__}: compiled kernel unavailable ({type(err).__name__}: {err}); "
-                              "running the same update through the foreach path", RuntimeWarning, stacklevel=3)
-                self.kernel = "foreach"  # compilation fails at the first call, before any tensor changed
-        self.rule.apply(masters, full, rule_state, steps, group, lr, self._reduce_min)
+        compiled = self.kernel_path == "compiled"
+        ok = self.rule.apply(masters, full, rule_state, steps, group, lr, self._reduce_min, decays,
+                             compiled=compiled, strict=self.kernel == "compiled")
+        if compiled and not ok:  # a broken toolchain must not stop training when the user did not ask for it
+            self.kernel = "foreach"
+
+    def _decay(self, group: dict[str, Any], slot: Slot, state: dict[str, Any], wtu: dict[int, torch.Tensor],
+               lr: float) -> rules.Decay:
+        """This step's decoupled decay of one parameter; its power step (``u <- W v``) runs here."""
+        if not self.uses_spectral_decay:
+            return rules.Decay(keep=1.0 - lr * float(group.get("weight_decay", 0.0)))
+        if slot.spectral is None:
+            return rules.Decay(keep=1.0 - lr * float(group["scalar_vector_weight_decay"]))
+        wd = float(group["weight_decay"])
+        if wd == 0.0:  # spectral decay off for the group: no power iteration either
+            return rules.NO_DECAY
+        shape = slot.spectral
+        v, dead = spectral.normalize_heads(wtu[slot.index])
+        runs = spectral.power_rows(state["master_param"].view(-1, shape.cols), state["u"], slot.row_start, shape,
+                                   v, dead, state["sigma_sq"])
+        return rules.Decay(coef=lr * wd * math.sqrt(shape.rows), cols=shape.cols, runs=runs)
 
     @property
     def kernel_path(self) -> str:

@@ -9,41 +9,94 @@ through ``reduce_min``, which the engine backs with a MIN all-reduce.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from . import spectral
+from .atan2 import atan2_nonneg
 
 Tensors = list[torch.Tensor]
 ReduceMin = Callable[[torch.Tensor], torch.Tensor]
 KERNELS = ("auto", "foreach", "compiled")
 
 
-def _atan2_kernel(p, g, m, v, one_minus_b1: float, b2: float, one_minus_b2: float, k_in: float,
-                  den_mul: float, scale: float) -> None:
-    """The whole atan2 update of one tensor; torch.compile fuses it into a single pass over memory."""
+def _atan2_update(g, m, v, one_minus_b1: float, b2: float, one_minus_b2: float, k_in: float, den_mul: float,
+                  scale: float) -> torch.Tensor:
+    """Moments in place; returns the atan2 step of one tensor (the body of its compiled kernel)."""
     m.lerp_(g, one_minus_b1)
     v.mul_(b2).addcmul_(g, g, value=one_minus_b2)
-    p.add_(torch.atan2(m * k_in, v.sqrt() * den_mul) * scale)
+    return atan2_nonneg(m * k_in, v.sqrt() * den_mul) * scale
 
 
-def _adamw_kernel(p, g, m, v, one_minus_b1: float, b2: float, one_minus_b2: float, sqrt_c2: float,
-                  eps: float, scale: float) -> None:
+def _adamw_update(g, m, v, one_minus_b1: float, b2: float, one_minus_b2: float, sqrt_c2: float, eps: float,
+                  scale: float) -> torch.Tensor:
     m.lerp_(g, one_minus_b1)
     v.mul_(b2).addcmul_(g, g, value=one_minus_b2)
-    p.add_(m / (v.sqrt() / sqrt_c2 + eps) * scale)
+    return m / (v.sqrt() / sqrt_c2 + eps) * scale
 
 
-_compiled_cache: dict[Callable, Callable] = {}
+@dataclass
+class Decay:
+    """Decoupled weight decay of one tensor, due before its update.
+
+    ``p <- keep * p`` (scalar decay), then ``W -= coef * (W v) v^T`` over the row runs that
+    ``spectral.power_rows`` returned (spectral decay; ``cols`` is the matrix width). Rules with a
+    compiled kernel fold it into their single pass over memory; every other path applies it first.
+    """
+
+    keep: float = 1.0
+    coef: float = 0.0
+    cols: int = 0
+    runs: list[spectral.PowerRun] = field(default_factory=list)
+
+    @property
+    def rank1(self) -> bool:
+        return self.coef != 0.0 and bool(self.runs)
+
+    def apply_(self, p: torch.Tensor) -> None:
+        if self.keep != 1.0:
+            p.mul_(self.keep)
+        if self.rank1:
+            spectral.apply_rank1(p.view(-1, self.cols), self.runs, self.coef)
+
+
+NO_DECAY = Decay()
+
+_compiled_cache: dict[tuple[Callable, bool], Callable] = {}
 # Below this many elements a compiled call's fixed cost (guards, wrappers) exceeds what fusion saves.
 COMPILED_MIN_NUMEL = 1 << 15
+# Inductor stores an intermediate to memory once it grows past a few dozen ops or reads (atan2's
+# polynomial does), and a stored intermediate splits the kernel into two passes; these keep each
+# update one loop. Options this torch does not know are left out.
+_ONE_LOOP = {name: 10_000 for name in ("realize_opcount_threshold", "realize_cpu_opcount_threshold",
+                                       "realize_reads_threshold", "realize_acc_reads_threshold",
+                                       "realize_cpu_acc_reads_threshold")}
 
 
-def _compiled(fn: Callable) -> Callable:
-    """``fn`` compiled once per process (dynamic shapes, float scalars do not recompile)."""
-    if fn not in _compiled_cache:
-        _compiled_cache[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
-    return _compiled_cache[fn]
+def _compiled(update: Callable, rank1: bool) -> Callable:
+    """One tensor's decay + update as one kernel, compiled once per process (dynamic shapes).
+
+    ``rank1=False``: ``p = keep * p + update`` over a flat tensor. ``rank1=True``: over a
+    ``(heads, rows, cols)`` view, ``p = p - coef * wv * vt + update`` with wv ``(heads, rows, 1)`` and
+    vt ``(heads, 1, cols)``: the spectral decay costs no pass over memory of its own.
+    """
+    key = (update, rank1)
+    if key not in _compiled_cache:
+        import torch._inductor.config as inductor_config
+
+        options: dict[str, Any] = {k: v for k, v in _ONE_LOOP.items() if hasattr(inductor_config, k)}
+        if rank1:
+            def kernel(p, g, m, v, wv, vt, coef: float, *args: float) -> None:
+                p.add_(update(g, m, v, *args) - wv * vt * coef)
+        else:
+            def kernel(p, g, m, v, keep: float, *args: float) -> None:  # type: ignore[misc]
+                p.mul_(keep).add_(update(g, m, v, *args))
+        _compiled_cache[key] = torch.compile(kernel, dynamic=True, fullgraph=True, options=options)
+    return _compiled_cache[key]
 
 
 def _subset(idx: list[int], params: Tensors, grads: Tensors, state: dict[str, Tensors], steps: Sequence[float]):
@@ -89,11 +142,17 @@ def bias_corrections(steps: Sequence[float], beta1: float, beta2: float) -> tupl
     return [1.0 - beta1**t for t in steps], [1.0 - beta2**t for t in steps]
 
 
-class Rule:
-    """An element-wise update: moments in, ``params -= update`` out.
+def decay_all(params: Tensors, decays: Sequence[Decay]) -> None:
+    for p, d in zip(params, decays):
+        d.apply_(p)
 
-    ``apply`` runs the portable path; rules with a ``kernel`` also run it compiled (``compiled=True``),
-    one fused pass per tensor with the same arithmetic.
+
+class Rule:
+    """An element-wise update: decay and moments in, ``params -= update`` out.
+
+    ``apply`` runs the portable path; rules with a ``kernel`` (the update body of one tensor) also
+    run it compiled (``compiled=True``), one fused pass per tensor with the same arithmetic.
+    ``apply`` returns False when a compiled kernel could not be built and the eager path stood in.
     """
 
     name = ""
@@ -122,16 +181,17 @@ class Rule:
                 raise ValueError(f"Invalid {key} value: {value!r} (must be a float {'>=' if inclusive else '>'} {low})")
 
     def apply(self, params: Tensors, grads: Tensors, state: dict[str, Tensors], steps: Sequence[float],
-              group: dict[str, Any], lr: float, reduce_min: ReduceMin, compiled: bool = False) -> None:
+              group: dict[str, Any], lr: float, reduce_min: ReduceMin, decays: Sequence[Decay],
+              compiled: bool = False, strict: bool = False) -> bool:
         raise NotImplementedError
 
 
 class _TensorwiseRule(Rule):
-    """A rule whose update of one tensor is one function of (p, g, m, v, *scalars).
+    """A rule whose update of one tensor is one function of (g, m, v, *scalars).
 
-    Big tensors go through it one at a time: compiled into one fused kernel, or eagerly through a
-    reused scratch buffer (no fresh full-size temporaries). Small tensors take the foreach ops,
-    whose per-call cost is lower.
+    Big tensors go through it one at a time: compiled into one fused kernel together with their
+    decay, or eagerly through a reused scratch buffer (no fresh full-size temporaries). Small
+    tensors take the foreach ops, whose per-call cost is lower.
     """
 
     streamed: Callable
@@ -143,21 +203,57 @@ class _TensorwiseRule(Rule):
                 group: dict[str, Any], lr: float) -> None:
         raise NotImplementedError
 
-    def apply(self, params, grads, state, steps, group, lr, reduce_min, compiled=False):
-        assert self.kernel is not None
-        update = _compiled(self.kernel) if compiled else self.streamed
-        big = [i for i, p in enumerate(params) if p.numel() >= COMPILED_MIN_NUMEL]
-        for i in big:
-            update(params[i], grads[i], state["exp_avg"][i], state["exp_avg_sq"][i],
-                   *self.tensor_args(group, lr, steps[i]))
-        small = [i for i in range(len(params)) if i not in set(big)]
+    def apply(self, params, grads, state, steps, group, lr, reduce_min, decays, compiled=False, strict=False):
+        small, ok = [], True
+        for i, p in enumerate(params):
+            if p.numel() < COMPILED_MIN_NUMEL:
+                small.append(i)
+                continue
+            args = self.tensor_args(group, lr, steps[i])
+            tensors = (p, grads[i], state["exp_avg"][i], state["exp_avg_sq"][i])
+            ok = self._update_tensor(tensors, decays[i], args, compiled and ok, strict) or not compiled
         if small:
+            decay_all([params[i] for i in small], [decays[i] for i in small])
             self.foreach(*_subset(small, params, grads, state, steps), group, lr)
+        return ok
+
+    def _update_tensor(self, tensors: tuple[torch.Tensor, ...], decay: Decay, args: tuple[float, ...],
+                       compiled: bool, strict: bool) -> bool:
+        """Decay + update of one big tensor, piece by piece (one piece per run of heads under spectral
+        decay). Returns whether the compiled kernel is still in use."""
+        pieces: list[tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]]
+        if not decay.rank1:
+            pieces = [(tensors, ())]
+        else:
+            if decay.keep != 1.0:
+                tensors[0].mul_(decay.keep)
+            pieces = []
+            for lo, hi, wv, vt in decay.runs:
+                n, cols = wv.shape[0], decay.cols
+                pieces.append((tuple(t[lo * cols: hi * cols].view(n, -1, cols) for t in tensors), (wv, vt)))
+        for views, rank1 in pieces:
+            if compiled:
+                try:
+                    extra = (*rank1, decay.coef) if rank1 else (decay.keep,)
+                    _compiled(self.kernel, bool(rank1))(*views, *extra, *args)  # type: ignore[arg-type]
+                    continue
+                except Exception as err:  # build errors surface before the kernel touches any tensor
+                    if strict:
+                        raise RuntimeError(f"kernel='compiled' was requested but torch.compile failed: {err}") from err
+                    warnings.warn(f"{self.name} rule: compiled kernel unavailable ({type(err).__name__}: {err}); "
+                                  "running the same update through the eager path", RuntimeWarning, stacklevel=4)
+                    compiled = False
+            if rank1:
+                views[0].baddbmm_(rank1[0], rank1[1], alpha=-decay.coef)
+            else:
+                views[0].mul_(decay.keep)
+            self.streamed(*views, *args)
+        return compiled
 
 
 def _atan2_streamed(p, g, m, v, one_minus_b1: float, b2: float, one_minus_b2: float, k_in: float,
                     den_mul: float, scale: float) -> None:
-    """``_atan2_kernel`` in eager ops through a reused scratch buffer."""
+    """``_atan2_update`` in eager ops through a reused scratch buffer."""
     m.lerp_(g, one_minus_b1)
     v.mul_(b2).addcmul_(g, g, value=one_minus_b2)
     den = torch.sqrt(v, out=_scratch(v)).mul_(den_mul / k_in)  # atan2(k*m, d) == atan2(m, d/k) for k > 0
@@ -166,7 +262,7 @@ def _atan2_streamed(p, g, m, v, one_minus_b1: float, b2: float, one_minus_b2: fl
 
 def _adamw_streamed(p, g, m, v, one_minus_b1: float, b2: float, one_minus_b2: float, sqrt_c2: float,
                     eps: float, scale: float) -> None:
-    """``_adamw_kernel`` in eager ops through a reused scratch buffer."""
+    """``_adamw_update`` in eager ops through a reused scratch buffer."""
     m.lerp_(g, one_minus_b1)
     v.mul_(b2).addcmul_(g, g, value=one_minus_b2)
     p.addcdiv_(m, torch.sqrt(v, out=_scratch(v)).div_(sqrt_c2).add_(eps), value=scale)
@@ -182,7 +278,7 @@ class Atan2Rule(_TensorwiseRule):
 
     name = "atan2"
     hyperparams = ("a", "b", "bias_correction_in_atan2")
-    kernel = staticmethod(_atan2_kernel)
+    kernel = staticmethod(_atan2_update)
     streamed = staticmethod(_atan2_streamed)
 
     def tensor_args(self, group, lr, t):
@@ -215,7 +311,7 @@ class AdamWRule(_TensorwiseRule):
 
     name = "adamw"
     hyperparams = ("eps",)
-    kernel = staticmethod(_adamw_kernel)
+    kernel = staticmethod(_adamw_update)
     streamed = staticmethod(_adamw_streamed)
 
     def tensor_args(self, group, lr, t):
@@ -245,7 +341,8 @@ class SRFRule(Rule):
     name = "srf"
     hyperparams = ("eps",)
 
-    def apply(self, params, grads, state, steps, group, lr, reduce_min, compiled=False):
+    def apply(self, params, grads, state, steps, group, lr, reduce_min, decays, compiled=False, strict=False):
+        decay_all(params, decays)
         beta1, beta2 = group["betas"]
         exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
         update_moments(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
@@ -253,6 +350,7 @@ class SRFRule(Rule):
         eps = float(group["eps"])
         for p, m, v, a, b in zip(params, exp_avgs, exp_avg_sqs, c1, c2):
             p.addcdiv_(m, _srf_denominator(v, b, eps), value=-lr * b / a)
+        return True
 
 
 class _TauRule(Rule):
@@ -273,7 +371,8 @@ class HomeAdamRule(_TauRule):
     name = "homeadam"
     hyperparams = ("eps", "tau", "per_tensor")
 
-    def apply(self, params, grads, state, steps, group, lr, reduce_min, compiled=False):
+    def apply(self, params, grads, state, steps, group, lr, reduce_min, decays, compiled=False, strict=False):
+        decay_all(params, decays)
         beta1, beta2 = group["betas"]
         exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
         update_moments(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
@@ -291,6 +390,7 @@ class HomeAdamRule(_TauRule):
                 p.addcdiv_(m, _srf_denominator(v, b, eps), value=-lr * b / a)
             else:
                 p.add_(m, alpha=-lr / a)
+        return True
 
 
 class HomeAdamEWRule(_TauRule):
@@ -299,7 +399,8 @@ class HomeAdamEWRule(_TauRule):
     name = "homeadamew"
     hyperparams = ("eps", "tau")
 
-    def apply(self, params, grads, state, steps, group, lr, reduce_min, compiled=False):
+    def apply(self, params, grads, state, steps, group, lr, reduce_min, decays, compiled=False, strict=False):
+        decay_all(params, decays)
         beta1, beta2 = group["betas"]
         exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
         update_moments(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
@@ -310,3 +411,4 @@ class HomeAdamEWRule(_TauRule):
             factor = _srf_denominator(v, b, eps).reciprocal_().mul_(b)
             factor.masked_fill_(v < tau * b, 1.0)
             p.addcmul_(m, factor, value=-lr / a)
+        return True

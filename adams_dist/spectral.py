@@ -99,24 +99,45 @@ def normalize_heads(wtu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return wtu / norm.clamp_min(torch.finfo(wtu.dtype).tiny), dead
 
 
-def decay_rows(w_rows: torch.Tensor, u_rows: torch.Tensor, row_start: int, shape: SpectralShape,
-               v: torch.Tensor, dead: torch.Tensor, coef: float, sigma_sq: torch.Tensor) -> None:
-    """``W_r -= coef * (W_r v) v^T`` per head, then ``u_r <- W_r v`` (before the decay).
+PowerRun = tuple[int, int, torch.Tensor, torch.Tensor]  # (lo, hi) local rows, W v (n, r, 1), v^T (n, 1, cols)
 
+
+def power_rows(w_rows: torch.Tensor, u_rows: torch.Tensor, row_start: int, shape: SpectralShape,
+               v: torch.Tensor, dead: torch.Tensor, sigma_sq: torch.Tensor) -> list[PowerRun]:
+    """The power step on this rank's rows: ``u_r <- W_r v`` per head, without touching W.
+
+    Returns, per run of rows, the pieces of the rank-1 decay ``W_r -= coef * (W_r v) v^T`` so that
+    the caller can apply it eagerly (``decay_rows``) or fused into the element-wise update.
     ``sigma_sq[h]`` receives this rank's part of ``||W v||^2``. Heads marked ``dead`` restart from
     a fixed non-constant vector instead of staying at zero forever.
     """
     sigma_sq.zero_()
     v = v.to(w_rows.dtype)
-    for w, u, h0, h1 in _runs(w_rows, u_rows, row_start, shape):
-        vh = v[h0:h1]
-        wv = torch.bmm(w, vh.unsqueeze(-1))  # (n, rows, 1)
+    out = []
+    for lo, hi, h0, h1 in head_segments(row_start, w_rows.shape[0], shape.rows):
+        w = w_rows[lo:hi].view(h1 - h0, -1, shape.cols)
+        vt = v[h0:h1].unsqueeze(1)  # (n, 1, cols)
+        wv = torch.bmm(w, vt.transpose(1, 2))  # (n, rows, 1)
         sigma_sq[h0:h1] += wv.square().sum(dim=(1, 2)).to(sigma_sq.dtype)
-        if coef != 0.0:
-            w.baddbmm_(wv, vh.unsqueeze(1), alpha=-coef)
-        u.copy_(wv.squeeze(-1))
+        u_rows[lo:hi].copy_(wv.reshape(-1))
+        out.append((lo, hi, wv, vt))
     if bool(dead.any()):
         _restart_dead(u_rows, row_start, shape, dead)
+    return out
+
+
+def apply_rank1(w_rows: torch.Tensor, runs: list[PowerRun], coef: float) -> None:
+    """``W_r -= coef * (W_r v) v^T`` for the runs ``power_rows`` returned."""
+    for lo, hi, wv, vt in runs:
+        w_rows[lo:hi].view(wv.shape[0], -1, w_rows.shape[1]).baddbmm_(wv, vt, alpha=-coef)
+
+
+def decay_rows(w_rows: torch.Tensor, u_rows: torch.Tensor, row_start: int, shape: SpectralShape,
+               v: torch.Tensor, dead: torch.Tensor, coef: float, sigma_sq: torch.Tensor) -> None:
+    """``W_r -= coef * (W_r v) v^T`` per head, then ``u_r <- W_r v`` (before the decay)."""
+    runs = power_rows(w_rows, u_rows, row_start, shape, v, dead, sigma_sq)
+    if coef != 0.0:
+        apply_rank1(w_rows, runs, coef)
 
 
 def _restart_dead(u_rows: torch.Tensor, row_start: int, shape: SpectralShape, dead: torch.Tensor) -> None:

@@ -35,6 +35,7 @@ COMPETITORS = {
     "adams_dist HomeAdamEW": adams_dist.HomeAdamEW,
     # the fused torch.compile kernels (opt-in on CPU; warmed up before timing, so compile time is excluded)
     "adams_dist Adams_ZeRO compiled": lambda ps: adams_dist.Adams_ZeRO(ps, kernel="compiled"),
+    "adams_dist AdamATan2 compiled": lambda ps: adams_dist.AdamATan2(ps, kernel="compiled"),
     "adams_dist AdamW compiled": lambda ps: adams_dist.AdamW(ps, kernel="compiled"),
     "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, foreach=True),
     "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, fused=True),

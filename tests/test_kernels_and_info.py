@@ -12,12 +12,21 @@ import torch
 import adams_dist
 from adams_dist.rules import COMPILED_MIN_NUMEL, compile_supported
 
-SHAPES = [(7, 5), (3, 5, 7), (13,), (), (64, 33), (256, 160)]  # the last is big enough to compile
+# The last four are big enough to compile: a plain matrix, a batch of 3 matrices, a (4*64, 160)
+# weight split into 4 heads by set_heads, and a matrix excluded from spectral decay (scalar decay).
+SHAPES = [(7, 5), (3, 5, 7), (13,), (), (64, 33), (256, 160), (3, 128, 96), (256, 160), (320, 128)]
+
+
+def make_params() -> list[torch.nn.Parameter]:
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+    adams_dist.set_heads(params[7], 4)
+    params[8].use_spectral_decay = False  # type: ignore[attr-defined]
+    return params
 
 
 def trajectory(name: str, kernel: str, **hp) -> tuple[list[torch.Tensor], str]:
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+    params = make_params()
     opt = adams_dist.create_optimizer(name, params, kernel=kernel, **hp)
     for step in range(6):
         gen = torch.Generator().manual_seed(step)
@@ -40,8 +49,7 @@ def test_compiled_matches_foreach(name: str, hp: dict) -> None:
     assert max(torch.Size(s).numel() for s in SHAPES) >= COMPILED_MIN_NUMEL  # torch.compile really ran
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    torch.manual_seed(0)
-    start = [torch.randn(s) for s in SHAPES]
+    start = make_params()
     assert all((a - s).abs().max() > 1e-3 for a, s in zip(fast, start))  # the kernels really moved every param
 
 
