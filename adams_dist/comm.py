@@ -40,6 +40,11 @@ class Comm:
         dist.all_reduce(t, op=op, group=self.group)
         return t
 
+    def all_reduce_async(self, t: torch.Tensor) -> Any:
+        """Start a SUM all-reduce of ``t`` in place; returns the handle to ``wait()`` on."""
+        self._count(2 * t.numel() * t.element_size() * (self.world_size - 1) / self.world_size)
+        return dist.all_reduce(t, group=self.group, async_op=True)
+
     def broadcast(self, t: torch.Tensor) -> None:
         self._count(t.numel() * t.element_size())
         dist.broadcast(t, src=self.src, group=self.group)

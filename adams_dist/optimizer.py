@@ -295,11 +295,12 @@ class ShardedOptimizer(Optimizer):
         shard = torch.empty(bucket.section_numel, dtype=self.grad_comm_dtype, device=bucket.device)
         self._pending[bi] = (self._comm.reduce_scatter(shard, inp), shard, inp)
 
-    def _reduce_gradients(self) -> dict[int, torch.Tensor]:
+    def _reduce_gradients(self, after_launch: Any = None) -> dict[int, torch.Tensor]:
         """Averaged gradient shards per bucket (launching the buckets the hooks have not, in order).
 
         At most MAX_IN_FLIGHT staging buffers are launched from here at once, so a step's extra memory
-        is a couple of buckets, not a full copy of the gradients.
+        is a couple of buckets, not a full copy of the gradients. ``after_launch()`` runs once every
+        bucket is launched, before the last ones are waited for (every rank reaches it in the same order).
         """
         if self._reduced is None:
             reduced: dict[int, torch.Tensor] = {}
@@ -314,23 +315,35 @@ class ShardedOptimizer(Optimizer):
                     while len(self._pending) >= MAX_IN_FLIGHT:
                         finish(min(self._pending))
                     self._launch(bi)
+            if after_launch is not None:
+                after_launch()
+                after_launch = None
             while self._pending:
                 finish(min(self._pending))
             self._ready_slots.clear()
             self._reduced = reduced
+        if after_launch is not None:
+            after_launch()
         return self._reduced
 
-    def _local_grads(self) -> list[torch.Tensor | None]:
-        """This rank's averaged gradient rows per slot (None: no gradient here), kept until the step ends."""
+    def _local_grads(self, after_launch: Any = None) -> list[torch.Tensor | None]:
+        """This rank's averaged gradient rows per slot (None: no gradient here), kept until the step ends.
+
+        ``after_launch()`` runs once every gradient collective has been issued (at once if none is due).
+        """
         if self._grads is not None:
+            if after_launch is not None:
+                after_launch()
             return self._grads
         grads: list[torch.Tensor | None] = [None] * len(self._slots)
         if self._comm is None or self._presharded:
             for s in self._slots:
                 if s.param.grad is not None:
                     grads[s.index] = fsdp.local_tensor(s.param.grad).reshape(-1).to(self.master_dtype)
+            if after_launch is not None:
+                after_launch()
         else:
-            reduced = self._reduce_gradients()
+            reduced = self._reduce_gradients(after_launch)
             for bi, bucket in enumerate(self._buckets):
                 for slot in bucket.slots:
                     grads[slot.index] = reduced[bi][slot.offset: slot.offset + slot.local_numel]
@@ -433,21 +446,35 @@ class ShardedOptimizer(Optimizer):
                 loss = closure()
         self._check_grads()
         self._adopt_edited_params()
-        grads = self._local_grads()
         # weight_decay == 0 switches spectral decay off entirely for the group: no power iteration either
         spectral_slots = [s for s in self._slots
                           if s.spectral is not None and float(self.param_groups[s.group_index]["weight_decay"]) != 0]
 
-        # One SUM all-reduce: [grad norm^2, has-grad flags, W^T u partials of every matrix].
+        # One SUM all-reduce: [grad norm^2, has-grad flags, W^T u partials of every matrix]. Without the
+        # norm it needs no reduced gradient, so it is issued right after the last bucket's reduce-scatter
+        # and its latency hides behind theirs.
         need_norm = self.max_grad_norm is not None or self.skip_nonfinite
         flags = torch.tensor([s.param.grad is not None for s in self._slots], dtype=torch.float32,
                              device=self._device)
-        parts = [self._grad_norm_sq(grads).reshape(1) if need_norm else flags.new_zeros(1), flags]
-        for slot in spectral_slots:
-            parts.append(self._partial_wtu(slot).reshape(-1))
-        control = torch.cat(parts)
-        if self._comm is not None:
-            self._comm.all_reduce(control)
+        parts = [flags.new_zeros(1), flags] + [self._partial_wtu(slot).reshape(-1) for slot in spectral_slots]
+        launched: list[Any] = []
+        early = self._comm is not None and not need_norm
+
+        def launch_control() -> None:
+            assert self._comm is not None
+            vector = torch.cat(parts)
+            launched.append((self._comm.all_reduce_async(vector), vector))
+
+        grads = self._local_grads(after_launch=launch_control if early else None)
+        if launched:
+            work, control = launched[0]
+            work.wait()
+        else:
+            if need_norm:
+                parts[0] = self._grad_norm_sq(grads).reshape(1)
+            control = torch.cat(parts)
+            if self._comm is not None:
+                self._comm.all_reduce(control)
         active = (control[1: 1 + len(self._slots)] > 0).tolist()
 
         if need_norm:
