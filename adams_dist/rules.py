@@ -9,6 +9,7 @@ through ``reduce_min``, which the engine backs with a MIN all-reduce.
 from __future__ import annotations
 
 import math
+import types
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -95,6 +96,10 @@ def _compiled(update: Callable, rank1: bool) -> Callable:
         else:
             def kernel(p, g, m, v, keep: float, *args: float) -> None:  # type: ignore[misc]
                 p.mul_(keep).add_(update(g, m, v, *args))
+        # A code object of its own per (rule, kind): torch.compile caps the graphs kept per code object.
+        name = f"{update.__name__.strip('_')}_{'rank1' if rank1 else 'flat'}_kernel"
+        code = kernel.__code__.replace(co_name=name)
+        kernel = types.FunctionType(code, kernel.__globals__, name, kernel.__defaults__, kernel.__closure__)
         _compiled_cache[key] = torch.compile(kernel, dynamic=True, fullgraph=True, options=options)
     return _compiled_cache[key]
 
@@ -335,14 +340,37 @@ def _srf_denominator(v: torch.Tensor, c2: float, eps: float) -> torch.Tensor:
     return torch.add(v, eps * c2, out=_scratch(v))
 
 
-class SRFRule(Rule):
-    """AdamSRF (HomeAdam Algorithm 1): p -= lr * m_hat / (v_hat + eps), no square root."""
+def _srf_update(g, m, v, one_minus_b1: float, b2: float, one_minus_b2: float, eps_c2: float,
+                scale: float) -> torch.Tensor:
+    m.lerp_(g, one_minus_b1)
+    v.mul_(b2).addcmul_(g, g, value=one_minus_b2)
+    return m / (v + eps_c2) * scale
+
+
+def _srf_streamed(p, g, m, v, one_minus_b1: float, b2: float, one_minus_b2: float, eps_c2: float,
+                  scale: float) -> None:
+    m.lerp_(g, one_minus_b1)
+    v.mul_(b2).addcmul_(g, g, value=one_minus_b2)
+    p.addcdiv_(m, torch.add(v, eps_c2, out=_scratch(v)), value=scale)
+
+
+class SRFRule(_TensorwiseRule):
+    """AdamSRF (HomeAdam Algorithm 1): p -= lr * m_hat / (v_hat + eps), no square root.
+
+    Computed as ``m * (c2/c1) / (v + eps*c2)``: the same quotient without forming m_hat or v_hat.
+    """
 
     name = "srf"
     hyperparams = ("eps",)
+    kernel = staticmethod(_srf_update)
+    streamed = staticmethod(_srf_streamed)
 
-    def apply(self, params, grads, state, steps, group, lr, reduce_min, decays, compiled=False, strict=False):
-        decay_all(params, decays)
+    def tensor_args(self, group, lr, t):
+        beta1, beta2 = group["betas"]
+        c1, c2 = 1.0 - beta1**t, 1.0 - beta2**t
+        return 1.0 - beta1, beta2, 1.0 - beta2, float(group["eps"]) * c2, -lr * c2 / c1
+
+    def foreach(self, params, grads, state, steps, group, lr):
         beta1, beta2 = group["betas"]
         exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
         update_moments(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
@@ -350,7 +378,6 @@ class SRFRule(Rule):
         eps = float(group["eps"])
         for p, m, v, a, b in zip(params, exp_avgs, exp_avg_sqs, c1, c2):
             p.addcdiv_(m, _srf_denominator(v, b, eps), value=-lr * b / a)
-        return True
 
 
 class _TauRule(Rule):
@@ -393,22 +420,40 @@ class HomeAdamRule(_TauRule):
         return True
 
 
-class HomeAdamEWRule(_TauRule):
-    """HomeAdamEW (Algorithm 3): the HomeAdam switch made per element."""
+def _ew_update(g, m, v, one_minus_b1: float, b2: float, one_minus_b2: float, eps_c2: float, c2: float,
+               tau_c2: float, scale: float) -> torch.Tensor:
+    m.lerp_(g, one_minus_b1)
+    v.mul_(b2).addcmul_(g, g, value=one_minus_b2)
+    return m * torch.where(v < tau_c2, 1.0, c2 / (v + eps_c2)) * scale
+
+
+def _ew_streamed(p, g, m, v, one_minus_b1: float, b2: float, one_minus_b2: float, eps_c2: float, c2: float,
+                 tau_c2: float, scale: float) -> None:
+    m.lerp_(g, one_minus_b1)
+    v.mul_(b2).addcmul_(g, g, value=one_minus_b2)
+    factor = torch.add(v, eps_c2, out=_scratch(v)).reciprocal_().mul_(c2)
+    factor.masked_fill_(v < tau_c2, 1.0)
+    p.addcmul_(m, factor, value=scale)
+
+
+class HomeAdamEWRule(_TauRule, _TensorwiseRule):
+    """HomeAdamEW (Algorithm 3): the HomeAdam switch made per element.
+
+    p -= lr/c1 * m * factor, factor = c2 / (v + eps*c2) where v_hat >= tau, else 1 (momentum-SGD).
+    """
 
     name = "homeadamew"
     hyperparams = ("eps", "tau")
+    kernel = staticmethod(_ew_update)
+    streamed = staticmethod(_ew_streamed)
 
-    def apply(self, params, grads, state, steps, group, lr, reduce_min, decays, compiled=False, strict=False):
-        decay_all(params, decays)
+    def tensor_args(self, group, lr, t):
         beta1, beta2 = group["betas"]
-        exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
-        update_moments(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
-        c1, c2 = bias_corrections(steps, beta1, beta2)
-        eps, tau = float(group["eps"]), float(group["tau"])
-        for p, m, v, a, b in zip(params, exp_avgs, exp_avg_sqs, c1, c2):
-            # p -= lr/c1 * m * factor, factor = c2 / (v + eps*c2) where v_hat >= tau, else 1 (momentum-SGD)
-            factor = _srf_denominator(v, b, eps).reciprocal_().mul_(b)
-            factor.masked_fill_(v < tau * b, 1.0)
-            p.addcmul_(m, factor, value=-lr / a)
-        return True
+        c1, c2 = 1.0 - beta1**t, 1.0 - beta2**t
+        return (1.0 - beta1, beta2, 1.0 - beta2, float(group["eps"]) * c2, c2, float(group["tau"]) * c2,
+                -lr / c1)
+
+    def foreach(self, params, grads, state, steps, group, lr):
+        for i, p in enumerate(params):
+            self.streamed(p, grads[i], state["exp_avg"][i], state["exp_avg_sq"][i],
+                          *self.tensor_args(group, lr, steps[i]))

@@ -37,6 +37,8 @@ COMPETITORS = {
     "adams_dist Adams_ZeRO compiled": lambda ps: adams_dist.Adams_ZeRO(ps, kernel="compiled"),
     "adams_dist AdamATan2 compiled": lambda ps: adams_dist.AdamATan2(ps, kernel="compiled"),
     "adams_dist AdamW compiled": lambda ps: adams_dist.AdamW(ps, kernel="compiled"),
+    "adams_dist AdamSRF compiled": lambda ps: adams_dist.AdamSRF(ps, kernel="compiled"),
+    "adams_dist HomeAdamEW compiled": lambda ps: adams_dist.HomeAdamEW(ps, kernel="compiled"),
     "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, foreach=True),
     "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, fused=True),
     "adams-torch Adams_ZeRO": lambda ps: adams.Adams_ZeRO(ps),

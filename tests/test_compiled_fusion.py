@@ -19,7 +19,8 @@ needs_compiler = pytest.mark.skipif(not compile_supported(torch.device("cpu")), 
 SHAPES = [(600, 192), (8, 40, 320), (384, 256), (33,), (5, 7)]
 STEPS = 5
 HP = {"adams": dict(lr=1e-2, weight_decay=0.5, scalar_vector_weight_decay=0.3),
-      "adamw": dict(lr=1e-2, weight_decay=0.3)}
+      "adamw": dict(lr=1e-2, weight_decay=0.3),
+      "homeadamew": dict(lr=1e-3, eps=1e-4, tau=0.5, weight_decay=0.1)}
 
 
 def make_params(seed: int = 0) -> list[torch.nn.Parameter]:

@@ -41,6 +41,9 @@ def trajectory(name: str, kernel: str, **hp) -> tuple[list[torch.Tensor], str]:
     ("adams", dict(lr=1e-2, weight_decay=0.3)),
     ("adamatan2", dict(lr=1e-2, a=1.27, b=2.0, bias_correction_in_atan2=True)),
     ("adamw", dict(lr=1e-2, eps=1e-6)),
+    ("adamsrf", dict(lr=1e-3, eps=1e-4, weight_decay=0.1)),
+    # tau between the smallest and largest v_hat, so both branches of the per-element switch run
+    ("homeadamew", dict(lr=1e-3, eps=1e-4, tau=0.5, weight_decay=0.1)),
 ])
 def test_compiled_matches_foreach(name: str, hp: dict) -> None:
     fast, path = trajectory(name, "compiled", **hp)
@@ -102,3 +105,16 @@ def test_torch_compile_of_a_whole_training_step() -> None:
     for p, q in zip(eager[0].parameters(), compiled[0].parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     assert float(compiled[1].state[next(compiled[0].parameters())]["step"]) == 4
+
+
+def test_every_kernel_has_its_own_code_object() -> None:
+    """torch.compile keeps a bounded number of graphs per code object (8 by default); kernels sharing one
+    would hit it after a few rules/dtypes and then fail with fullgraph=True."""
+    from adams_dist import rules
+
+    updates = [r.kernel for r in (rules.Atan2Rule(), rules.AdamWRule(), rules.SRFRule(), rules.HomeAdamEWRule())]
+    wrappers = [rules._compiled(u, rank1) for u in updates for rank1 in (False, True)]
+    originals = [getattr(w, "_torchdynamo_orig_callable", None) or w.__wrapped__ for w in wrappers]
+    codes = {f.__code__ for f in originals}
+    assert len(codes) == len(wrappers) == 8
+    assert len({c.co_name for c in codes}) == 8
