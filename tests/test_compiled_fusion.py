@@ -78,6 +78,40 @@ def test_compiled_row_shards_match_one_process_foreach() -> None:
         assert all(float((p - s).detach().abs().max()) > 1e-3 for p, s in zip(expected, start))
 
 
+def dtensor_worker(rank: int, world: int) -> dict:
+    """FSDP2-style parameters (DTensor, Shard(0)): the compiled kernels on the local rows."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    params = [torch.nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)])) for p in make_params()]
+    adams_dist.set_heads(params[0], 5)
+    params[2].use_spectral_decay = False  # type: ignore[attr-defined]
+    opt = adams_dist.Adams_ZeRO(params, **HP["adams"], kernel="compiled")
+    for step in range(STEPS):
+        mean = [torch.stack(gs).mean(0) for gs in zip(*(grads(step, r) for r in range(world)))]
+        for p, g in zip(params, mean):  # FSDP2 hands the optimizer already averaged gradients
+            p.grad = distribute_tensor(g, mesh, [Shard(0)])
+        opt.step()
+    return {"params": [p.full_tensor().detach().clone() for p in params], "path": opt.kernel_path,
+            "local": [p.to_local().numel() for p in params[:3]]}
+
+
+@needs_compiler
+def test_compiled_dtensor_rows_match_one_process_foreach() -> None:
+    world = 3
+    results = run(dtensor_worker, world, timeout=420)
+    params = make_params()
+    train("adams", params, lambda step: [torch.stack(gs).mean(0) for gs in
+                                         zip(*(grads(step, r) for r in range(world)))], kernel="foreach")
+    for rank, res in enumerate(results):
+        # (600, 192) and (384, 256) are compiled on every rank; Shard(0) gives the last rank 2 of the
+        # 8 matrices (40, 320), few enough elements for foreach: both paths meet in one optimizer
+        assert res["path"] == "compiled" and res["local"][0] >= COMPILED_MIN_NUMEL <= res["local"][2]
+        for i, (a, b) in enumerate(zip(res["params"], params)):
+            torch.testing.assert_close(a, b.detach(), rtol=2e-5, atol=2e-5, msg=lambda s, i=i: f"rank {rank} #{i}: {s}")
+
+
 def _failing_compile(*args, **kwargs):
     raise RuntimeError("simulated: no working compiler")
 
