@@ -25,18 +25,22 @@ ReduceMin = Callable[[torch.Tensor], torch.Tensor]
 KERNELS = ("auto", "foreach", "compiled")
 
 
+def _moments(g, m, v, one_minus_b1: float, b2: float, one_minus_b2: float) -> None:
+    """One tensor's m = b1*m + (1-b1)*g ; v = b2*v + (1-b2)*g^2, in place (eager or traced)."""
+    m.lerp_(g, one_minus_b1)
+    v.mul_(b2).addcmul_(g, g, value=one_minus_b2)
+
+
 def _atan2_update(g, m, v, one_minus_b1: float, b2: float, one_minus_b2: float, k_in: float, den_mul: float,
                   scale: float) -> torch.Tensor:
     """Moments in place; returns the atan2 step of one tensor (the body of its compiled kernel)."""
-    m.lerp_(g, one_minus_b1)
-    v.mul_(b2).addcmul_(g, g, value=one_minus_b2)
+    _moments(g, m, v, one_minus_b1, b2, one_minus_b2)
     return atan2_nonneg(m * k_in, v.sqrt() * den_mul) * scale
 
 
 def _adamw_update(g, m, v, one_minus_b1: float, b2: float, one_minus_b2: float, sqrt_c2: float, eps: float,
                   scale: float) -> torch.Tensor:
-    m.lerp_(g, one_minus_b1)
-    v.mul_(b2).addcmul_(g, g, value=one_minus_b2)
+    _moments(g, m, v, one_minus_b1, b2, one_minus_b2)
     return m / (v.sqrt() / sqrt_c2 + eps) * scale
 
 
@@ -259,8 +263,7 @@ class _TensorwiseRule(Rule):
 def _atan2_streamed(p, g, m, v, one_minus_b1: float, b2: float, one_minus_b2: float, k_in: float,
                     den_mul: float, scale: float) -> None:
     """``_atan2_update`` in eager ops through a reused scratch buffer."""
-    m.lerp_(g, one_minus_b1)
-    v.mul_(b2).addcmul_(g, g, value=one_minus_b2)
+    _moments(g, m, v, one_minus_b1, b2, one_minus_b2)
     den = torch.sqrt(v, out=_scratch(v)).mul_(den_mul / k_in)  # atan2(k*m, d) == atan2(m, d/k) for k > 0
     p.add_(torch.atan2(m, den, out=den), alpha=scale)
 
@@ -268,8 +271,7 @@ def _atan2_streamed(p, g, m, v, one_minus_b1: float, b2: float, one_minus_b2: fl
 def _adamw_streamed(p, g, m, v, one_minus_b1: float, b2: float, one_minus_b2: float, sqrt_c2: float,
                     eps: float, scale: float) -> None:
     """``_adamw_update`` in eager ops through a reused scratch buffer."""
-    m.lerp_(g, one_minus_b1)
-    v.mul_(b2).addcmul_(g, g, value=one_minus_b2)
+    _moments(g, m, v, one_minus_b1, b2, one_minus_b2)
     p.addcdiv_(m, torch.sqrt(v, out=_scratch(v)).div_(sqrt_c2).add_(eps), value=scale)
 
 
@@ -342,15 +344,13 @@ def _srf_denominator(v: torch.Tensor, c2: float, eps: float) -> torch.Tensor:
 
 def _srf_update(g, m, v, one_minus_b1: float, b2: float, one_minus_b2: float, eps_c2: float,
                 scale: float) -> torch.Tensor:
-    m.lerp_(g, one_minus_b1)
-    v.mul_(b2).addcmul_(g, g, value=one_minus_b2)
+    _moments(g, m, v, one_minus_b1, b2, one_minus_b2)
     return m / (v + eps_c2) * scale
 
 
 def _srf_streamed(p, g, m, v, one_minus_b1: float, b2: float, one_minus_b2: float, eps_c2: float,
                   scale: float) -> None:
-    m.lerp_(g, one_minus_b1)
-    v.mul_(b2).addcmul_(g, g, value=one_minus_b2)
+    _moments(g, m, v, one_minus_b1, b2, one_minus_b2)
     p.addcdiv_(m, torch.add(v, eps_c2, out=_scratch(v)), value=scale)
 
 
@@ -422,15 +422,13 @@ class HomeAdamRule(_TauRule):
 
 def _ew_update(g, m, v, one_minus_b1: float, b2: float, one_minus_b2: float, eps_c2: float, c2: float,
                tau_c2: float, scale: float) -> torch.Tensor:
-    m.lerp_(g, one_minus_b1)
-    v.mul_(b2).addcmul_(g, g, value=one_minus_b2)
+    _moments(g, m, v, one_minus_b1, b2, one_minus_b2)
     return m * torch.where(v < tau_c2, 1.0, c2 / (v + eps_c2)) * scale
 
 
 def _ew_streamed(p, g, m, v, one_minus_b1: float, b2: float, one_minus_b2: float, eps_c2: float, c2: float,
                  tau_c2: float, scale: float) -> None:
-    m.lerp_(g, one_minus_b1)
-    v.mul_(b2).addcmul_(g, g, value=one_minus_b2)
+    _moments(g, m, v, one_minus_b1, b2, one_minus_b2)
     factor = torch.add(v, eps_c2, out=_scratch(v)).reciprocal_().mul_(c2)
     factor.masked_fill_(v < tau_c2, 1.0)
     p.addcmul_(m, factor, value=scale)
