@@ -35,15 +35,11 @@ class Comm:
         self._count(out.numel() * out.element_size() * (self.world_size - 1) / self.world_size)
         return _all_gather(out, inp, group=self.group, async_op=True)
 
-    def all_reduce(self, t: torch.Tensor, op: Any = dist.ReduceOp.SUM) -> torch.Tensor:
+    def all_reduce(self, t: torch.Tensor, op: Any = dist.ReduceOp.SUM, async_op: bool = False) -> Any:
+        """All-reduce ``t`` in place; returns ``t``, or with ``async_op`` the handle to ``wait()`` on."""
         self._count(2 * t.numel() * t.element_size() * (self.world_size - 1) / self.world_size)
-        dist.all_reduce(t, op=op, group=self.group)
-        return t
-
-    def all_reduce_async(self, t: torch.Tensor) -> Any:
-        """Start a SUM all-reduce of ``t`` in place; returns the handle to ``wait()`` on."""
-        self._count(2 * t.numel() * t.element_size() * (self.world_size - 1) / self.world_size)
-        return dist.all_reduce(t, group=self.group, async_op=True)
+        work = dist.all_reduce(t, op=op, group=self.group, async_op=async_op)
+        return work if async_op else t
 
     def broadcast(self, t: torch.Tensor) -> None:
         self._count(t.numel() * t.element_size())

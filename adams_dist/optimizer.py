@@ -317,31 +317,24 @@ class ShardedOptimizer(Optimizer):
                     self._launch(bi)
             if after_launch is not None:
                 after_launch()
-                after_launch = None
             while self._pending:
                 finish(min(self._pending))
             self._ready_slots.clear()
             self._reduced = reduced
-        if after_launch is not None:
-            after_launch()
         return self._reduced
 
     def _local_grads(self, after_launch: Any = None) -> list[torch.Tensor | None]:
         """This rank's averaged gradient rows per slot (None: no gradient here), kept until the step ends.
 
-        ``after_launch()`` runs once every gradient collective has been issued (at once if none is due).
+        ``after_launch()`` runs once every reduce-scatter has been issued (ZeRO mode, gradients not yet reduced).
         """
         if self._grads is not None:
-            if after_launch is not None:
-                after_launch()
             return self._grads
         grads: list[torch.Tensor | None] = [None] * len(self._slots)
         if self._comm is None or self._presharded:
             for s in self._slots:
                 if s.param.grad is not None:
                     grads[s.index] = fsdp.local_tensor(s.param.grad).reshape(-1).to(self.master_dtype)
-            if after_launch is not None:
-                after_launch()
         else:
             reduced = self._reduce_gradients(after_launch)
             for bi, bucket in enumerate(self._buckets):
@@ -458,15 +451,16 @@ class ShardedOptimizer(Optimizer):
                              device=self._device)
         parts = [flags.new_zeros(1), flags] + [self._partial_wtu(slot).reshape(-1) for slot in spectral_slots]
         launched: list[Any] = []
-        early = self._comm is not None and not need_norm
+        # early: ZeRO mode with the gradients still to reduce (FSDP2 hands them over already reduced)
+        early = self._comm is not None and not self._presharded and self._grads is None and not need_norm
 
         def launch_control() -> None:
             assert self._comm is not None
             vector = torch.cat(parts)
-            launched.append((self._comm.all_reduce_async(vector), vector))
+            launched.append((self._comm.all_reduce(vector, async_op=True), vector))
 
         grads = self._local_grads(after_launch=launch_control if early else None)
-        if launched:
+        if early:  # _local_grads ran launch_control exactly once
             work, control = launched[0]
             work.wait()
         else:
