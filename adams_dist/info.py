@@ -5,10 +5,22 @@ from __future__ import annotations
 import json
 import os
 import platform
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+
+def cpu_name() -> str:
+    """The CPU model (Linux /proc/cpuinfo), else what ``platform`` knows, else "unknown"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def info() -> dict[str, Any]:
@@ -29,6 +41,7 @@ def info() -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "cpu": cpu_name(),
         "devices": {"cpu": True, "cuda": cuda, "mps": mps},
         "distributed_backends": backends,
         "default_device": str(device),

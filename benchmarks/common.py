@@ -20,21 +20,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from adams_dist.info import cpu_name
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 # ---------------------------------------------------------------- machine and output
 
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"nproc": os.cpu_count(), "cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
+    return {"nproc": os.cpu_count(), "cpu": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "python": platform.python_version(), "loadavg": os.getloadavg(),
             "date": datetime.datetime.now().isoformat(timespec="seconds")}
 

@@ -61,6 +61,7 @@ from train_gpt import (  # noqa: E402
 )
 
 import adams_dist  # noqa: E402
+from adams_dist.info import cpu_name  # noqa: E402
 
 ADAM_TYPE = ("adams", "adamw", "adamatan2")
 SRF_TYPE = ("adamsrf", "homeadam", "homeadamew")
@@ -135,17 +136,9 @@ def finite_or_none(x: float) -> float | None:
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
         "nproc": os.cpu_count(),
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(),
