@@ -80,6 +80,17 @@ def test_reference64_first_step_size_is_atan_of_one_minus_beta1():
     torch.testing.assert_close(ref.params[0], expected, rtol=0, atol=1e-15)
 
 
+def _steps_max_diff(opt, mp, ref, shapes, g, steps: int = 15) -> float:
+    """Feed ``opt`` (on ``mp``) and the float64 reference the same random gradients; their largest gap."""
+    for _ in range(steps):
+        gs = [torch.randn(s, generator=g, dtype=F64) for s in shapes]
+        for p, gr in zip(mp, gs):
+            p.grad = gr.clone()
+        opt.step()
+        ref.step(gs)
+    return _max_diff(mp, ref.params)
+
+
 def test_reference64_adamatan2_matches_adam_atan2_pytorch_fp64():
     from adam_atan2_pytorch import AdamAtan2
 
@@ -90,13 +101,7 @@ def test_reference64_adamatan2_matches_adam_atan2_pytorch_fp64():
     opt = AdamAtan2(mp, lr=0.02, betas=(0.9, 0.99), weight_decay=0.1, a=1.27, b=1.0)
     ref = Reference("adamatan2", init, lr=0.02, betas=(0.9, 0.99), weight_decay=0.1, a=1.27, b=1.0,
                     bias_correction_in_atan2=True)
-    for _ in range(15):
-        gs = [torch.randn(s, generator=g, dtype=F64) for s in shapes]
-        for p, gr in zip(mp, gs):
-            p.grad = gr.clone()
-        opt.step()
-        ref.step(gs)
-    assert _max_diff(mp, ref.params) < 1e-13
+    assert _steps_max_diff(opt, mp, ref, shapes, g) < 1e-13
 
 
 def test_reference64_adamw_matches_torch_adamw_fp64():
@@ -106,13 +111,7 @@ def test_reference64_adamw_matches_torch_adamw_fp64():
     mp = [nn.Parameter(p.clone()) for p in init]
     opt = torch.optim.AdamW(mp, lr=0.02, betas=(0.8, 0.99), eps=1e-3, weight_decay=0.1, foreach=False)
     ref = Reference("adamw", init, lr=0.02, betas=(0.8, 0.99), eps=1e-3, weight_decay=0.1)
-    for _ in range(15):
-        gs = [torch.randn(s, generator=g, dtype=F64) for s in shapes]
-        for p, gr in zip(mp, gs):
-            p.grad = gr.clone()
-        opt.step()
-        ref.step(gs)
-    assert _max_diff(mp, ref.params) < 1e-13
+    assert _steps_max_diff(opt, mp, ref, shapes, g) < 1e-13
 
 
 def test_reference64_homeadam_hand_values():
