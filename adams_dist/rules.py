@@ -12,13 +12,12 @@ import math
 import types
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from . import spectral
 from .atan2 import atan2_nonneg
+from .decay import NO_DECAY, Decay  # noqa: F401 - re-exported for the engine
 
 Tensors = list[torch.Tensor]
 ReduceMin = Callable[[torch.Tensor], torch.Tensor]
@@ -44,32 +43,6 @@ def _adamw_update(g, m, v, one_minus_b1: float, b2: float, one_minus_b2: float, 
     return m / (v.sqrt() / sqrt_c2 + eps) * scale
 
 
-@dataclass
-class Decay:
-    """Decoupled weight decay of one tensor, due before its update.
-
-    ``p <- keep * p`` (scalar decay), then ``W -= coef * (W v) v^T`` over the row runs that
-    ``spectral.power_rows`` returned (spectral decay; ``cols`` is the matrix width). Rules with a
-    compiled kernel fold it into their single pass over memory; every other path applies it first.
-    """
-
-    keep: float = 1.0
-    coef: float = 0.0
-    cols: int = 0
-    runs: list[spectral.PowerRun] = field(default_factory=list)
-
-    @property
-    def rank1(self) -> bool:
-        return self.coef != 0.0 and bool(self.runs)
-
-    def apply_(self, p: torch.Tensor) -> None:
-        if self.keep != 1.0:
-            p.mul_(self.keep)
-        if self.rank1:
-            spectral.apply_rank1(p.view(-1, self.cols), self.runs, self.coef)
-
-
-NO_DECAY = Decay()
 
 _compiled_cache: dict[tuple[Callable, bool], Callable] = {}
 # Below this many elements a compiled call's fixed cost (guards, wrappers) exceeds what fusion saves.
