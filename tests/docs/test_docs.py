@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PYTHON_LANGS = {"python", "py", "python3"}
 WORLD = 2  # ranks for title="torchrun" blocks
 DIST_TIMEOUT_S = 150.0
@@ -333,7 +333,7 @@ def test_block_titles_are_known() -> None:
     for path in doc_files():
         for b in python_blocks(path):
             assert b.title in (None, "setup", "torchrun"), (
-                f"{b.file}:{b.line}: unknown title={b.title!r}; tests/test_docs.py runs None, 'setup' and 'torchrun'")
+                f"{b.file}:{b.line}: unknown title={b.title!r}; this test runs None, 'setup' and 'torchrun'")
 
 
 @pytest.mark.parametrize("path", doc_files(), ids=rel)

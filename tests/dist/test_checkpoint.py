@@ -489,7 +489,7 @@ def _kill_and_wait(pid: int) -> None:
 def test_sigkill_during_save_keeps_a_loadable_checkpoint(tmp_path: Path) -> None:
     """Kill a saving process at random moments and while its temp file is open: ``path`` always loads."""
     path = tmp_path / "ckpt.pt"
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = str(Path(__file__).resolve().parents[2])
     rng = random.Random(0)
     zygote = subprocess.Popen([sys.executable, "-c", _ZYGOTE, str(path), repo], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"), text=True)

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["--n-layer", "1", "--n-head", "2", "--d-model", "64", "--block-size", "64", "--batch-size", "8",
         "--steps", "40", "--warmup", "5", "--ckpt-every", "10", "--eval-every", "20", "--eval-batches", "2",
         "--log-every", "5", "--data-bytes", "300000", "--resume"]
