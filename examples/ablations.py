@@ -5,10 +5,11 @@
 
 For each optimizer (AdamW, AdamATan2), configuration, peak lr and seed, one run in this process. Runs with
 the same seed start from the same initial weights and see the same training batches; every run is scored
-on the same held-out batches. Model, data, parameter groups (decay on matrices only) and lr schedule
-(linear warmup, cosine to --min-lr-frac) are those of examples/train_gpt.py (a smaller model by default);
-only the optimizer's ``second_moment`` / ``rotate`` options and the lr change. Prints a Markdown table
-(final eval loss, mean over seeds, per lr) and writes every number to --out (JSON).
+on the same held-out batches. Model, data, lr schedule (linear warmup, cosine to --min-lr-frac) and
+training loop are those of examples/train_gpt.py (all in examples/gpt.py; a smaller model by default);
+weight decay is on every matrix, the embeddings included. Only the optimizer's ``second_moment`` /
+``rotate`` options and the lr change. Prints a Markdown table (final eval loss, mean over seeds, per lr)
+and writes every number to --out (JSON).
 """
 
 from __future__ import annotations
@@ -23,18 +24,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/ holds train_gpt.py
-from train_gpt import (  # noqa: E402
-    GPT,
-    batch_seed,
-    evaluate,
-    get_batch,
-    load_corpus,
-    unigram_entropy,
-    warmup_cosine,
-)
+import adams_dist
 
-import adams_dist  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/ holds gpt.py
+import gpt  # noqa: E402
 
 CONFIGS = {
     "element": dict(),
@@ -70,51 +63,39 @@ def parse_args() -> argparse.Namespace:
     return ap.parse_args()
 
 
-def train(args, name: str, config: str, lr: float, seed: int, data, eval_batches) -> dict:
+def train_one(args, name: str, config: str, lr: float, seed: int, data, eval_batches) -> dict:
     torch.manual_seed(seed)
-    model = GPT(256, args.block_size, args.n_layer, args.n_head, args.d_model)
-    matrices = [p for p in model.parameters() if p.ndim >= 2]
-    others = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": matrices}, {"params": others, "weight_decay": 0.0}]
+    model = gpt.GPT(args.block_size, args.n_layer, args.n_head, args.d_model)
+    # The runs recorded in docs/results.md decay the embeddings too, unlike train_gpt.py.
+    groups = gpt.param_groups(model, decay_embeddings=True)
     optimizer = adams_dist.create_optimizer(name, groups, lr=lr, weight_decay=args.weight_decay,
                                             **CONFIGS[config])
-
-    scheduler = warmup_cosine(optimizer, args.warmup, args.steps, args.min_lr_frac)
-    gen, losses = torch.Generator(), []
-    t0 = time.perf_counter()
-    for step in range(args.steps):
-        x, y = get_batch(data, args.batch_size, args.block_size, gen.manual_seed(batch_seed(seed, 0, step)),
-                         torch.device("cpu"))
-        loss = model(x, y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        losses.append(loss.item())
-    wall = time.perf_counter() - t0
-    tail = losses[-20:]
+    scheduler = gpt.warmup_cosine(optimizer, args.warmup, args.steps, args.min_lr_frac)
+    run = gpt.train(model, optimizer, scheduler,
+                lambda step: gpt.train_batch(data, args.batch_size, args.block_size, seed, 0, step, "cpu"),
+                args.steps, eval_batches)
+    tail = run.losses[-20:]
     return {"optimizer": name, "config": config, "options": CONFIGS[config], "lr": lr, "seed": seed,
-            "eval_loss": evaluate(model, eval_batches), "train_loss_last20": sum(tail) / len(tail),
-            "state_bytes": optimizer.state_bytes(), "wall_s": wall, "train_loss": losses}
+            "eval_loss": run.eval_loss, "train_loss_last20": sum(tail) / len(tail),
+            "state_bytes": optimizer.state_bytes(), "wall_s": run.train_s, "train_loss": run.losses}
 
 
 def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    train_data, val_data, _ = load_corpus(args.data_bytes, args.val_frac)
-    eval_gen = torch.Generator().manual_seed(0)  # the same held-out batches for every run
-    eval_batches = [get_batch(val_data, args.batch_size, args.block_size, eval_gen, torch.device("cpu"))
-                    for _ in range(args.eval_batches)]
+    train_data, val_data, _ = gpt.load_corpus(args.data_bytes, args.val_frac)
+    # seed 0 for every run: all runs are scored on the same held-out batches
+    eval_batches = gpt.held_out_batches(val_data, args.eval_batches, args.batch_size, args.block_size, 0, "cpu")
     torch.manual_seed(args.seeds[0])
-    init_loss = evaluate(GPT(256, args.block_size, args.n_layer, args.n_head, args.d_model), eval_batches)
+    init_loss = gpt.evaluate(gpt.GPT(args.block_size, args.n_layer, args.n_head, args.d_model), eval_batches)
     results = []
     t_all = time.perf_counter()
     for name in args.optimizers:
         for config in args.configs:
             for lr in args.lrs:
                 for seed in args.seeds:
-                    r = train(args, name, config, lr, seed, train_data, eval_batches)
+                    r = train_one(args, name, config, lr, seed, train_data, eval_batches)
                     results.append(r)
                     print(f"{name:10s} {config:11s} lr {lr:g} seed {seed}: eval {r['eval_loss']:.4f}  "
                           f"train(last 20) {r['train_loss_last20']:.4f}  state {r['state_bytes'] / 1024:.0f} KiB  "
@@ -122,7 +103,7 @@ def main() -> None:
     meta = {"command": "python " + " ".join(sys.argv), "args": vars(args), "torch": torch.__version__,
             "python": platform.python_version(), "machine": f"{platform.machine()} {platform.processor()}".strip(),
             "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "initial_eval_loss": init_loss,
-            "unigram_baseline": unigram_entropy(train_data), "total_wall_s": time.perf_counter() - t_all}
+            "unigram_baseline": gpt.unigram_entropy(train_data), "total_wall_s": time.perf_counter() - t_all}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))

@@ -7,10 +7,10 @@
 
 Every (optimizer, lr) run happens in this one process (no torchrun) and starts from the same initial
 weights and sees the same sequence of training batches; the held-out batches are the same for all. The
-model, data, parameter groups and lr schedule (linear warmup, then cosine to --min-lr-frac) are those of
-examples/train_gpt.py. Each adams_dist optimizer keeps its own published defaults (betas (0.9, 0.95) for
-adams, (0.9, 0.999) for the others); only lr and weight_decay are set, as in train_gpt.py (--betas sets
-one pair for all of them).
+model, data, parameter groups, lr schedule (linear warmup, then cosine to --min-lr-frac) and training loop
+are those of examples/train_gpt.py (all in examples/gpt.py). Each adams_dist optimizer keeps its own
+published defaults (betas (0.9, 0.95) for adams, (0.9, 0.999) for the others); only lr and weight_decay
+are set, as in train_gpt.py (--betas sets one pair for all of them).
 
 Learning rates. The Adam-type rules (adams, adamw, adamatan2) take --lrs. The SRF-type rules (adamsrf,
 homeadam, homeadamew) step by m/v instead of m/sqrt(v), so an element's step is lr * m/v ~ lr / |g|:
@@ -48,20 +48,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/ holds train_gpt.py
+import adams_dist
+from adams_dist.info import cpu_name
 
-from train_gpt import (  # noqa: E402
-    GPT,
-    batch_seed,
-    evaluate,
-    get_batch,
-    load_corpus,
-    unigram_entropy,
-    warmup_cosine,
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/ holds gpt.py
 
-import adams_dist  # noqa: E402
-from adams_dist.info import cpu_name  # noqa: E402
+import gpt  # noqa: E402
 
 ADAM_TYPE = ("adams", "adamw", "adamatan2")
 SRF_TYPE = ("adamsrf", "homeadam", "homeadamew")
@@ -156,52 +148,40 @@ class Setup:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.device = torch.device(args.device)
-        train_data, val_data, self.n_files = load_corpus(args.data_bytes, args.val_frac)
-        self.unigram = unigram_entropy(train_data)
-        eval_gen = torch.Generator().manual_seed(args.seed)
-        self.eval_batches = [
-            get_batch(val_data, args.batch_size, args.block_size, eval_gen, self.device)
-            for _ in range(args.eval_batches)
-        ]
-        gen = torch.Generator()
+        train_data, val_data, self.n_files = gpt.load_corpus(args.data_bytes, args.val_frac)
+        self.unigram = gpt.unigram_entropy(train_data)
+        self.eval_batches = gpt.held_out_batches(
+            val_data, args.eval_batches, args.batch_size, args.block_size, args.seed, self.device
+        )
         self.batches = [  # one fixed batch sequence, reused by every run
-            get_batch(
-                train_data, args.batch_size, args.block_size, gen.manual_seed(batch_seed(args.seed, 0, s)), self.device
-            )
-            for s in range(args.steps)
+            gpt.train_batch(train_data, args.batch_size, args.block_size, args.seed, 0, step, self.device)
+            for step in range(args.steps)
         ]
         self.train_bytes, self.val_bytes = len(train_data), len(val_data)
         torch.manual_seed(args.seed)
         model = self.new_model(init=False)
         self.init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.n_params = sum(p.numel() for p in model.parameters())
-        self.initial_eval = evaluate(model, self.eval_batches)
+        self.initial_eval = gpt.evaluate(model, self.eval_batches)
         with torch.no_grad():
             self.initial_train = float(model(*self.batches[0]))
 
-    def new_model(self, init: bool = True) -> GPT:
+    def new_model(self, init: bool = True) -> gpt.GPT:
         a = self.args
-        model = GPT(256, a.block_size, a.n_layer, a.n_head, a.d_model).to(self.device)
+        model = gpt.GPT(a.block_size, a.n_layer, a.n_head, a.d_model).to(self.device)
         if init:
             model.load_state_dict(self.init_state)
-        for block in model.blocks:  # as in train_gpt.py
-            adams_dist.set_heads(block.attn.qkv.weight, 3 * a.n_head)
-        model.tok_emb.weight.use_spectral_decay = False
-        model.pos_emb.weight.use_spectral_decay = False
         return model
 
 
-def build_optimizer(name: str, model: GPT, lr: float, args: argparse.Namespace) -> torch.optim.Optimizer:
+def build_optimizer(name: str, model: gpt.GPT, lr: float, args: argparse.Namespace) -> torch.optim.Optimizer:
     """train_gpt.py's parameter groups: decay on matrices, none on embeddings, norms (Adams: scalar decay)."""
-    matrices = [p for p in model.parameters() if p.ndim >= 2 and getattr(p, "use_spectral_decay", True)]
-    ids = {id(p) for p in matrices}
-    others = [p for p in model.parameters() if id(p) not in ids]
+    groups = gpt.param_groups(model)
     if name == "sgd":
         # torch's SGD weight decay is coupled L2 (g += wd * p), amplified 10x by momentum 0.9: not comparable
         # to the decoupled decay of the others, hence its own flag (default 0).
-        groups = [{"params": matrices, "weight_decay": args.sgd_weight_decay}, {"params": others, "weight_decay": 0}]
+        groups[0]["weight_decay"] = args.sgd_weight_decay
         return torch.optim.SGD(groups, lr=lr, momentum=0.9)
-    groups = [{"params": matrices}, {"params": others, "weight_decay": 0.0}]
     extra = {"betas": tuple(args.betas)} if args.betas else {}
     return adams_dist.create_optimizer(
         name, groups, lr=lr, weight_decay=args.weight_decay, max_grad_norm=args.grad_clip or None, **extra
@@ -213,46 +193,47 @@ def train_one(setup: Setup, name: str, lr: float, bar: tqdm | None = None) -> di
     model = setup.new_model()
     optimizer = build_optimizer(name, model, lr, args)
 
-    scheduler = warmup_cosine(optimizer, args.warmup, args.steps, args.min_lr_frac)
-    losses: list[float] = []
-    reason = None
-    t0 = time.perf_counter()
-    for step, (x, y) in enumerate(setup.batches):
-        loss = model(x, y)
-        value = loss.item()
-        losses.append(value)
-        if not math.isfinite(value):
-            reason = f"non-finite train loss at step {step}"
-            break
-        if value > args.abort_factor * setup.initial_train:
-            reason = f"train loss {value:.3g} > {args.abort_factor:g} x initial at step {step}; stopped"
-            break
-        loss.backward()
-        if name == "sgd" and args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        if bar is not None and step % 25 == 0:
-            bar.set_postfix_str(f"{name} lr={lr:g} step {step} loss {value:.3f}", refresh=False)
-    train_s = time.perf_counter() - t0
-    final_eval = evaluate(model, setup.eval_batches)
-    if reason is None and not math.isfinite(final_eval):
+    def diverged(step: int, loss: float) -> str | None:
+        if not math.isfinite(loss):
+            return f"non-finite train loss at step {step}"
+        if loss > args.abort_factor * setup.initial_train:
+            return f"train loss {loss:.3g} > {args.abort_factor:g} x initial at step {step}; stopped"
+        return None
+
+    def show(record: dict) -> None:
+        if bar is not None:
+            status = f"{name} lr={lr:g} step {record['step']} loss {record['train_loss']:.3f}"
+            bar.set_postfix_str(status, refresh=False)
+
+    run = gpt.train(
+        model,
+        optimizer,
+        gpt.warmup_cosine(optimizer, args.warmup, args.steps, args.min_lr_frac),
+        lambda step: setup.batches[step],
+        args.steps,
+        setup.eval_batches,
+        log_every=25,  # how often the bar shows the loss
+        clip_grad_norm=args.grad_clip if name == "sgd" else 0.0,  # the adams_dist rules clip in step()
+        stop=diverged,
+        on_log=show,
+    )
+    reason = run.stopped
+    if reason is None and not math.isfinite(run.eval_loss):
         reason = "non-finite final eval loss"
-    elif reason is None and final_eval > setup.initial_eval:
-        reason = f"final eval loss {final_eval:.3f} above the initial {setup.initial_eval:.3f}"
-    onsets = spike_steps(losses, args.spike_window, args.spike_rel)
+    elif reason is None and run.eval_loss > setup.initial_eval:
+        reason = f"final eval loss {run.eval_loss:.3f} above the initial {setup.initial_eval:.3f}"
+    onsets = spike_steps(run.losses, args.spike_window, args.spike_rel)
     return {
         "optimizer": name,
         "lr": lr,
-        "final_eval_loss": finite_or_none(final_eval),
+        "final_eval_loss": finite_or_none(run.eval_loss),
         "diverged": reason is not None,
         "diverged_reason": reason,
         "spikes": len(onsets),
         "spike_steps": onsets,
-        "steps_done": len(losses) if reason is None else len(losses) - 1,
-        "train_s": train_s,
-        "train_losses": [finite_or_none(v) for v in losses],
+        "steps_done": len(run.losses) if run.stopped is None else len(run.losses) - 1,
+        "train_s": run.train_s,
+        "train_losses": [finite_or_none(v) for v in run.losses],
     }
 
 

@@ -7,155 +7,33 @@
 Tokens are bytes (vocab 256) of the stdlib's .py files, which every Python install has, so the example
 needs no download. There is no DDP wrapper: the optimizer copies rank 0's parameters to every rank when
 it is built, averages gradients across ranks inside step() and all-gathers the updated parameters.
+The model, the corpus and the training loop are in examples/gpt.py; this script adds the command line,
+metrics, checkpoints and the loss plot.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import sysconfig
+import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import adams_dist
 from adams_dist.runtime import init_distributed, shutdown_distributed
 
-# --------------------------------------------------------------------------------------------- model
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/ holds gpt.py
+
+import gpt  # noqa: E402
+
+# ------------------------------------------------------------------------------------------ logs
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, d_model: int, n_head: int):
-        super().__init__()
-        self.n_head = n_head
-        # One fused Linear; its weight (3*d, d) stacks [q heads | k heads | v heads], head_dim rows per head,
-        # which is exactly what set_heads(weight, 3 * n_head) describes. No biases anywhere: a key bias
-        # has a structurally zero gradient, and atan2 (no epsilon) would take full steps on rounding noise.
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
-        self.proj = nn.Linear(d_model, d_model, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, n_head, T, head_dim)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-class MLP(nn.Module):
-    def __init__(self, d_model: int):
-        super().__init__()
-        self.fc = nn.Linear(d_model, 4 * d_model, bias=False)
-        self.proj = nn.Linear(4 * d_model, d_model, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x)))
-
-
-class Block(nn.Module):
-    def __init__(self, d_model: int, n_head: int):
-        super().__init__()
-        self.ln1, self.attn = nn.LayerNorm(d_model), SelfAttention(d_model, n_head)
-        self.ln2, self.mlp = nn.LayerNorm(d_model), MLP(d_model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
-
-
-class GPT(nn.Module):
-    def __init__(self, vocab: int, block_size: int, n_layer: int, n_head: int, d_model: int):
-        super().__init__()
-        self.tok_emb = nn.Embedding(vocab, d_model)
-        self.pos_emb = nn.Embedding(block_size, d_model)
-        self.blocks = nn.ModuleList(Block(d_model, n_head) for _ in range(n_layer))
-        self.ln_f = nn.LayerNorm(d_model)
-        # The lm head is tied to the token embedding (as in GPT-2 / nanoGPT): logits = x @ tok_emb.weight.T.
-        # With 256 byte tokens an untied head would be cheap too; tying leaves one fewer embedding-like
-        # matrix to keep out of spectral decay, and one parameter can only get one kind of decay anyway.
-        for name, p in self.named_parameters():
-            if p.ndim >= 2:  # residual projections get a smaller init, as in GPT-2
-                std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("proj.weight") else 0.02
-                torch.nn.init.normal_(p, std=std)
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(idx.shape[1], device=idx.device)
-        x = self.tok_emb(idx) + self.pos_emb(pos)
-        for block in self.blocks:
-            x = block(x)
-        logits = self.ln_f(x) @ self.tok_emb.weight.T
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-
-
-# ---------------------------------------------------------------------------------------------- data
-
-
-def load_corpus(max_bytes: int, val_frac: float) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Bytes of the stdlib's .py files (sorted, so every machine with this Python reads the same text).
-
-    Files are taken in path order until max_bytes; the last val_frac of those files are held out.
-    """
-    root = Path(sysconfig.get_paths()["stdlib"])
-    paths = sorted(
-        p.relative_to(root).as_posix()
-        for p in root.rglob("*.py")
-        if not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts)
-    )
-    chunks, total = [], 0
-    for rel in paths:
-        if total >= max_bytes:
-            break
-        chunks.append((root / rel).read_bytes())
-        total += len(chunks[-1])
-    n_val = max(1, round(len(chunks) * val_frac))
-    as_tensor = lambda parts: torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8)  # noqa: E731
-    return as_tensor(chunks[:-n_val]), as_tensor(chunks[-n_val:]), len(chunks)
-
-
-def get_batch(data: torch.Tensor, batch_size: int, block: int, gen: torch.Generator, device: torch.device):
-    ix = torch.randint(len(data) - block - 1, (batch_size,), generator=gen).tolist()
-    x = torch.stack([data[i : i + block] for i in ix]).long()
-    y = torch.stack([data[i + 1 : i + block + 1] for i in ix]).long()
-    return x.to(device), y.to(device)
-
-
-def batch_seed(seed: int, rank: int, step: int) -> int:
-    """Each (seed, rank, step) has its own batch: ranks see different data and a resumed run sees the
-    batches the uninterrupted run would have seen."""
-    return (seed * 100_003 + rank) * 1_000_003 + step
-
-
-def unigram_entropy(data: torch.Tensor) -> float:
-    """Entropy (nats/byte) of the byte frequencies: the loss of a model that ignores context."""
-    p = torch.bincount(data.long(), minlength=256).double()
-    p = p[p > 0] / p.sum()
-    return float(-(p * p.log()).sum())
-
-
-# ----------------------------------------------------------------------------------------- eval, logs
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: list) -> float:
-    """Mean loss over the fixed held-out batches; each rank scores its share and the sums are reduced."""
-    model.eval()
-    param = next(model.parameters())
-    total = torch.zeros(2, dtype=torch.float64, device=param.device)
-    for x, y in batches:
-        total += torch.tensor([model(x, y).item(), 1.0], dtype=torch.float64, device=param.device)
-    if dist.is_initialized():
-        dist.all_reduce(total)
-    model.train()
-    return float(total[0] / total[1])
-
-
-def sigmas_to_log(optimizer, named: dict[str, nn.Parameter]) -> dict[str, list[float]]:
+def sigmas_to_log(optimizer, named: dict[str, torch.nn.Parameter]) -> dict[str, list[float]]:
     """Latest spectral-norm estimate (one per head) of a few matrices. Collective: call on every rank."""
     if not hasattr(optimizer, "spectral_sigmas"):
         return {}
@@ -190,18 +68,6 @@ def plot_losses(metrics_path: Path, unigram: float, png_path: Path) -> None:
 # adams_dist.save_checkpoint(path, model, optimizer, **extra) and load_checkpoint(path, model, optimizer)
 # -> extra (docs/checkpoints.md) are collective: every rank calls them. A checkpoint loads at any world size.
 # With an adams_dist that predates them, these two functions do nothing.
-
-
-def warmup_cosine(optimizer, warmup: int, steps: int, min_lr_frac: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup over ``warmup`` steps, then cosine decay to ``min_lr_frac`` of the peak lr."""
-
-    def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
-        return min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
 
 def maybe_save(args, step: int, model, optimizer, scheduler) -> None:
@@ -268,36 +134,23 @@ def main() -> None:
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    train_data, val_data, n_files = load_corpus(args.data_bytes, args.val_frac)
-    unigram = unigram_entropy(train_data)
-    eval_gen = torch.Generator().manual_seed(args.seed)  # the same held-out batches on every rank
-    eval_all = [
-        get_batch(val_data, args.batch_size, args.block_size, eval_gen, device) for _ in range(args.eval_batches)
-    ]
+    train_data, val_data, n_files = gpt.load_corpus(args.data_bytes, args.val_frac)
+    unigram = gpt.unigram_entropy(train_data)
+    eval_all = gpt.held_out_batches(val_data, args.eval_batches, args.batch_size, args.block_size, args.seed, device)
     eval_batches = eval_all[rank::world]  # each rank scores its share; evaluate() sums over ranks
 
     torch.manual_seed(args.seed)
-    model = GPT(256, args.block_size, args.n_layer, args.n_head, args.d_model).to(device)
-    for block in model.blocks:
-        adams_dist.set_heads(block.attn.qkv.weight, 3 * args.n_head)  # spectral decay per q/k/v head
-    model.tok_emb.weight.use_spectral_decay = False  # embeddings (and the tied head) are not operators
-    model.pos_emb.weight.use_spectral_decay = False
-
-    # Matrices that get (spectral) decay, and the rest: biases, LayerNorm gains, embeddings. Adams_ZeRO
-    # decays the rest by its own scalar_vector_weight_decay; the other rules get weight_decay 0 on them.
-    matrices = [p for p in model.parameters() if p.ndim >= 2 and getattr(p, "use_spectral_decay", True)]
-    others = [p for p in model.parameters() if id(p) not in {id(m) for m in matrices}]
-    param_groups = [{"params": matrices}, {"params": others, "weight_decay": 0.0}]
+    model = gpt.GPT(args.block_size, args.n_layer, args.n_head, args.d_model).to(device)
     optimizer = adams_dist.create_optimizer(
         args.optimizer,
-        param_groups,
+        gpt.param_groups(model),
         lr=args.lr,
         weight_decay=args.weight_decay,
         max_grad_norm=args.grad_clip or None,
     )
     optimizer.broadcast_buffers(model.buffers())
 
-    scheduler = warmup_cosine(optimizer, args.warmup, args.steps, args.min_lr_frac)
+    scheduler = gpt.warmup_cosine(optimizer, args.warmup, args.steps, args.min_lr_frac)
     if (args.ckpt_every or args.resume) and not hasattr(adams_dist, "save_checkpoint") and info.is_main:
         print("note: this adams_dist has no save_checkpoint/load_checkpoint; --ckpt-every/--resume do nothing")
     start = maybe_resume(args, model, optimizer, scheduler)
@@ -336,71 +189,39 @@ def main() -> None:
         if info.is_main:
             metrics.write(json.dumps(record) + "\n")
 
-    def run_eval(step: int) -> float:
-        eval_loss = evaluate(model, eval_batches)
+    def log_eval(step: int, eval_loss: float) -> None:
         sigmas = sigmas_to_log(optimizer, watched) if step > 0 else {}
         log({"step": step, "eval_loss": eval_loss, "sigma": sigmas})
         if info.is_main:
             sig = " ".join(f"{k}={max(v):.2f}" for k, v in sigmas.items())
             tqdm.write(f"step {step:5d} | eval loss {eval_loss:.4f}" + (f" | max sigma {sig}" if sig else ""))
-        return eval_loss
 
-    eval_loss = run_eval(start)
-    batch_gen = torch.Generator()
-    bar = tqdm(
-        range(start, args.steps),
-        initial=start,
-        total=args.steps,
-        disable=not info.is_main,
-        dynamic_ncols=True,
-        mininterval=1.0,
+    t_run = time.perf_counter()
+    run = gpt.train(
+        model,
+        optimizer,
+        scheduler,
+        lambda step: gpt.train_batch(train_data, args.batch_size, args.block_size, args.seed, rank, step, device),
+        args.steps,
+        eval_batches,
+        start=start,
+        eval_every=args.eval_every,
+        log_every=args.log_every,
+        progress=info.is_main,
+        on_log=log,
+        on_eval=log_eval,
+        on_step=lambda step: maybe_save(args, step, model, optimizer, scheduler),
     )
-    t_run, losses, interval_time, train_time = time.perf_counter(), [], 0.0, 0.0
-    for step in bar:
-        t0 = time.perf_counter()
-        x, y = get_batch(
-            train_data,
-            args.batch_size,
-            args.block_size,
-            batch_gen.manual_seed(batch_seed(args.seed, rank, step)),
-            device,
-        )
-        loss = model(x, y)
-        loss.backward()
-        optimizer.step()  # averages gradients over ranks, updates this rank's shard, all-gathers params
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        losses.append(loss.item())  # waits for the step, so the timing below is honest on CUDA too
-        interval_time += time.perf_counter() - t0  # eval and checkpoints are not counted in tokens/s
-        done = step + 1
-
-        if done % args.log_every == 0 or done == args.steps:
-            tok_s = len(losses) * tokens_per_step / interval_time
-            train_time, interval_time = train_time + interval_time, 0.0
-            log(
-                {
-                    "step": done,
-                    "train_loss": sum(losses) / len(losses),
-                    "lr": scheduler.get_last_lr()[0],
-                    "tokens_per_s": tok_s,
-                }
-            )
-            bar.set_postfix(loss=f"{sum(losses) / len(losses):.3f}", tok_s=f"{tok_s:,.0f}")  # all ranks
-            losses = []
-        if done % args.eval_every == 0 or done == args.steps:
-            eval_loss = run_eval(done)
-        maybe_save(args, done, model, optimizer, scheduler)
-    bar.close()
 
     if info.is_main:
         wall = time.perf_counter() - t_run
         trained = args.steps - start
         summary = {
             "event": "summary",
-            "final_eval_loss": eval_loss,
+            "final_eval_loss": run.eval_loss,
             "unigram_baseline": unigram,
             "wall_s": wall,
-            "tokens_per_s": trained * tokens_per_step / max(train_time, 1e-9),
+            "tokens_per_s": trained * tokens_per_step / max(run.train_s, 1e-9),
         }
         log(summary)
         metrics.close()
@@ -409,7 +230,7 @@ def main() -> None:
             f"{trained} steps in {wall:.1f}s, {summary['tokens_per_s']:,.0f} tokens/s (all ranks, training only), "
             f"metrics in {metrics_path}, plot in {out_dir / 'loss.png'}"
         )
-        print(f"final eval loss {eval_loss:.4f} (unigram baseline {unigram:.4f})")
+        print(f"final eval loss {run.eval_loss:.4f} (unigram baseline {unigram:.4f})")
     shutdown_distributed()
 
 
