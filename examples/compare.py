@@ -469,11 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="lr list for one optimizer, overriding the three above (repeatable)",
     )
     ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--n-layer", type=int, default=2)
-    ap.add_argument("--n-head", type=int, default=4)
-    ap.add_argument("--d-model", type=int, default=64)
-    ap.add_argument("--block-size", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=16)
+    gpt.add_gpt_flags(ap)
     ap.add_argument("--warmup", type=int, default=50, help="linear warmup steps, then cosine (as train_gpt.py)")
     ap.add_argument("--min-lr-frac", type=float, default=0.1, help="final lr as a fraction of the peak lr")
     ap.add_argument(
@@ -497,9 +493,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="L2 weight decay on matrices for SGD (torch's coupled form; default off)",
     )
     ap.add_argument("--grad-clip", type=float, default=0.0, help="max global grad norm, 0: off (all optimizers)")
-    ap.add_argument("--data-bytes", type=int, default=3_000_000, help="corpus size cap")
-    ap.add_argument("--val-frac", type=float, default=0.05)
-    ap.add_argument("--eval-batches", type=int, default=16, help="fixed held-out batches for the final eval")
     ap.add_argument("--spike-window", type=int, default=20, help="W of the spike rule")
     ap.add_argument("--spike-rel", type=float, default=0.25, help="R of the spike rule")
     ap.add_argument(

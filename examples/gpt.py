@@ -7,6 +7,7 @@ has, so nothing is downloaded.
 
 from __future__ import annotations
 
+import argparse
 import math
 import sysconfig
 import time
@@ -100,6 +101,18 @@ def param_groups(model: GPT, decay_embeddings: bool = False) -> list[dict]:
     matrices = [p for p in model.parameters() if p.ndim >= 2 and (decay_embeddings or id(p) not in embeddings)]
     others = [p for p in model.parameters() if id(p) not in {id(m) for m in matrices}]
     return [{"params": matrices}, {"params": others, "weight_decay": 0.0}]
+
+
+def add_gpt_flags(ap: argparse.ArgumentParser, n_layer: int = 2, d_model: int = 64, block_size: int = 64) -> None:
+    """The flags of every example script for the model's size, the batches and the corpus."""
+    ap.add_argument("--n-layer", type=int, default=n_layer)
+    ap.add_argument("--n-head", type=int, default=4)
+    ap.add_argument("--d-model", type=int, default=d_model)
+    ap.add_argument("--block-size", type=int, default=block_size)
+    ap.add_argument("--batch-size", type=int, default=16, help="sequences per step (per rank under torchrun)")
+    ap.add_argument("--data-bytes", type=int, default=3_000_000, help="corpus size cap")
+    ap.add_argument("--val-frac", type=float, default=0.05, help="fraction of files held out")
+    ap.add_argument("--eval-batches", type=int, default=16, help="fixed held-out batches (split over ranks)")
 
 
 # ---------------------------------------------------------------------------------------------- data

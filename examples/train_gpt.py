@@ -93,11 +93,7 @@ def maybe_resume(args, model, optimizer, scheduler) -> int:
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n-layer", type=int, default=4)
-    ap.add_argument("--n-head", type=int, default=4)
-    ap.add_argument("--d-model", type=int, default=128)
-    ap.add_argument("--block-size", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=16, help="sequences per rank per step")
+    gpt.add_gpt_flags(ap, n_layer=4, d_model=128, block_size=128)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument(
         "--optimizer",
@@ -110,10 +106,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--min-lr-frac", type=float, default=0.1, help="final lr as a fraction of --lr")
     ap.add_argument("--weight-decay", type=float, default=0.1, help="on matrices (spectral for adams)")
     ap.add_argument("--grad-clip", type=float, default=0.0, help="max global grad norm (0: off)")
-    ap.add_argument("--data-bytes", type=int, default=3_000_000, help="corpus size cap")
-    ap.add_argument("--val-frac", type=float, default=0.05, help="fraction of files held out")
     ap.add_argument("--eval-every", type=int, default=50)
-    ap.add_argument("--eval-batches", type=int, default=16, help="fixed held-out batches, split over ranks")
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     ap.add_argument("--seed", type=int, default=0)
