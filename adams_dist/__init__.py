@@ -20,8 +20,7 @@ from .optimizers import (
 )
 from .runtime import init_distributed
 from .spectral import set_heads
-
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 __all__ = [
     "OPTIMIZERS",

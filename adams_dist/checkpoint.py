@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from .optimizer import ShardedOptimizer
 from .spectral import SpectralShape
+from .version import __version__
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 
@@ -59,10 +60,7 @@ def _context(optimizer: torch.optim.Optimizer) -> _Ctx:
     params = [p for g in optimizer.param_groups for p in g["params"]]
     device = params[0].device if params else torch.device("cpu")
     if isinstance(optimizer, ShardedOptimizer):
-        comm = optimizer._comm
-        if comm is None:
-            return _Ctx(None, 0, 1, device)
-        return _Ctx(comm.group, comm.rank, comm.world_size, optimizer._device or device)
+        return _Ctx(optimizer.process_group, optimizer.rank, optimizer.world_size, optimizer.device)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return _Ctx(None, dist.get_rank(), dist.get_world_size(), device)
     return _Ctx(None, 0, 1, device)
@@ -204,7 +202,6 @@ def _checksum(obj: Any, crc: int = 0) -> int:
 
 def _payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim_state: dict[str, Any],
              extra: dict[str, Any], world: int) -> dict[str, Any]:
-    from . import __version__
 
     sections = {"model": model.state_dict(), "optimizer": optim_state, "extra": extra}
     for name, section in sections.items():
@@ -377,7 +374,7 @@ def _validate(payload: Any, path: str, model: torch.nn.Module, optimizer: torch.
     osd = payload["optimizer"]
     try:
         if isinstance(optimizer, ShardedOptimizer):
-            optimizer._validate_state_dict(osd)  # the engine's own checks, which change nothing
+            optimizer.validate_state_dict(osd)  # the engine's own checks, which change nothing
         else:
             _validate_generic_optimizer_state(osd, optimizer)
     except CheckpointError:

@@ -7,11 +7,14 @@ compiled kernel fold a Decay into their single pass over memory; every other pat
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from . import spectral
+from .layout import Slot
 
 
 @dataclass
@@ -40,3 +43,35 @@ class Decay:
 
 
 NO_DECAY = Decay()
+
+
+def wtu_partial(slot: Slot, state: dict[str, Any]) -> torch.Tensor:
+    """This rank's ``(heads, cols)`` part of ``W^T u`` over its rows of one matrix, in fp32."""
+    shape = slot.spectral
+    assert shape is not None
+    rows = state["master_param"].view(-1, shape.cols)
+    out = torch.zeros(shape.heads, shape.cols, dtype=torch.float32, device=rows.device)
+    spectral.partial_wtu(rows.float(), state["u"].float(), slot.row_start, shape, out)
+    return out
+
+
+def plan(slot: Slot, state: dict[str, Any], group: dict[str, Any], lr: float, spectral_rule: bool,
+         wtu: torch.Tensor | None) -> Decay:
+    """This step's decoupled decay of one parameter. With spectral decay its power step (``u <- W v``)
+    runs here, from ``wtu``: the sum over all ranks of ``wtu_partial``.
+
+    ``spectral_rule``: Adams (spectral decay on matrices, ``scalar_vector_weight_decay`` on the rest);
+    otherwise every parameter gets ``p *= 1 - lr * weight_decay``.
+    """
+    if not spectral_rule:
+        return Decay(keep=1.0 - lr * float(group.get("weight_decay", 0.0)))
+    if slot.spectral is None:
+        return Decay(keep=1.0 - lr * float(group["scalar_vector_weight_decay"]))
+    wd = float(group["weight_decay"])
+    if wd == 0.0 or wtu is None:  # spectral decay off for the group: no power iteration either
+        return NO_DECAY
+    shape = slot.spectral
+    v, dead = spectral.normalize_heads(wtu)
+    runs = spectral.power_rows(state["master_param"].view(-1, shape.cols), state["u"], slot.row_start, shape,
+                               v, dead, state["sigma_sq"])
+    return Decay(coef=lr * wd * math.sqrt(shape.rows), cols=shape.cols, runs=runs)

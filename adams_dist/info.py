@@ -11,6 +11,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .version import __version__
+
 
 def cpu_name() -> str:
     """The CPU model (Linux /proc/cpuinfo), else what ``platform`` knows, else "unknown"."""
@@ -37,7 +39,7 @@ def info() -> dict[str, Any]:
         backends = {"gloo": dist.is_gloo_available(), "nccl": dist.is_nccl_available(), "mpi": dist.is_mpi_available()}
     launched = "WORLD_SIZE" in os.environ
     return {
-        "adams_dist": __import__("adams_dist").__version__,
+        "adams_dist": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),

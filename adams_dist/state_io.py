@@ -1,0 +1,117 @@
+"""The optimizer's state dict: full and world-size independent, checked before anything changes.
+
+``state_dict`` gathers every parameter's state in the parameter's own shape (DTensors laid out like
+the parameters under FSDP2), so it loads at any world size. ``load_state_dict`` validates the whole
+dict first, then takes this rank's rows of each entry.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import ablations, fsdp
+
+if TYPE_CHECKING:
+    from .optimizer import ShardedOptimizer
+
+
+def _saved_ids(sd: dict[str, Any]) -> list[Any]:
+    """State keys in parameter order, read from the saved groups (as torch.optim does)."""
+    return [pid for group in sd["param_groups"] for pid in group["params"]]
+
+
+@torch.no_grad()
+def state_dict(opt: ShardedOptimizer) -> dict[str, Any]:
+    full = opt._shards.gather_state(opt.state)
+    sigmas = opt.spectral_sigmas()
+    state: dict[int, dict[str, Any]] = {}
+    for slot in opt._shards.slots:
+        p = slot.param
+        entry: dict[str, Any] = {"step": opt.state[p]["step"].clone()}
+        layout = opt._ablated.get(slot.index)
+        for name, t in full[slot.index].items():
+            if layout is not None and name in layout.saved_shapes:
+                continue  # reduced second moment: exported below
+            entry[name] = t if fsdp.is_dtensor(t) else t.view(p.shape[:-1] if name == "u" else p.shape)
+        if layout is not None:
+            entry.update(layout.export(opt.state[p]))
+        if p in sigmas:
+            entry["sigma"] = sigmas[p].clone()
+        state[slot.index] = entry
+    index = {id(s.param): s.index for s in opt._shards.slots}
+    groups = []
+    for group in opt.param_groups:
+        g = {k: v for k, v in group.items() if k != "params"}
+        g["params"] = [index[id(p)] for p in group["params"]]
+        groups.append(copy.deepcopy(g))
+    return {"state": state, "param_groups": groups}
+
+
+def validate_state_dict(opt: ShardedOptimizer, sd: Any) -> None:
+    """Raise ValueError naming the first thing in ``sd`` that does not fit ``opt``; change nothing."""
+    if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
+        raise ValueError("not an optimizer state dict: expected keys 'state' and 'param_groups'")
+    groups = sd["param_groups"]
+    if len(groups) != len(opt.param_groups):
+        raise ValueError(f"state dict has {len(groups)} param groups, this optimizer has {len(opt.param_groups)}")
+    for gi, (mine, saved) in enumerate(zip(opt.param_groups, groups)):
+        if len(saved["params"]) != len(mine["params"]):
+            raise ValueError(f"param group {gi}: state dict has {len(saved['params'])} params, "
+                             f"this optimizer has {len(mine['params'])}")
+        if "second_moment" in mine:
+            ablations.check_same_config(mine, saved, gi)
+    required = ("step", "master_param", *opt.rule.state_names)
+    saved_ids = _saved_ids(sd)
+    for slot in opt._shards.slots:
+        entry = sd["state"].get(saved_ids[slot.index])
+        where = f"parameter #{slot.index} (shape {tuple(slot.param.shape)})"
+        if entry is None:
+            raise ValueError(f"state dict has no state for {where}")
+        layout = opt._ablated.get(slot.index)
+        for name in required:
+            if name not in entry:
+                raise ValueError(f"state dict entry for {where} lacks '{name}'")
+            if layout is not None and name in layout.saved_shapes:
+                continue  # checked by layout.validate below
+            if name != "step" and tuple(entry[name].shape) != tuple(slot.param.shape):
+                raise ValueError(f"state dict '{name}' for {where} has shape {tuple(entry[name].shape)}")
+        if layout is not None:
+            layout.validate(entry, where)
+        if slot.spectral is not None:
+            if "u" not in entry or entry["u"].numel() != slot.rows:
+                raise ValueError(f"state dict entry for {where} lacks a matching spectral 'u'")
+            sigma = entry.get("sigma")
+            if sigma is not None and torch.as_tensor(sigma).numel() != slot.spectral.heads:
+                raise ValueError(f"state dict 'sigma' for {where} has {torch.as_tensor(sigma).numel()} heads, "
+                                 f"this optimizer has {slot.spectral.heads} (was set_heads applied the same way?)")
+
+
+@torch.no_grad()
+def load_state_dict(opt: ShardedOptimizer, sd: dict[str, Any]) -> None:
+    validate_state_dict(opt, sd)
+    for group, saved in zip(opt.param_groups, sd["param_groups"]):
+        for k, v in saved.items():
+            if k not in ("params", "param_names"):
+                group[k] = copy.deepcopy(v)
+    shards, saved_ids = opt._shards, _saved_ids(sd)
+    for slot in shards.slots:
+        entry = sd["state"][saved_ids[slot.index]]
+        state = opt.state[slot.param]
+        state["step"].copy_(torch.as_tensor(entry["step"]))
+        layout = opt._ablated.get(slot.index)
+        for name in ("master_param", *opt.rule.state_names):
+            if layout is None or name not in layout.saved_shapes:
+                state[name].copy_(shards.rows_of(slot, entry[name]))
+        if layout is not None:
+            layout.load(state, entry)
+        if slot.spectral is not None:
+            state["u"].copy_(shards.rows_of(slot, entry["u"], per_row=True))
+            sigma = entry.get("sigma")
+            state["sigma_sq"].zero_()  # the sum over ranks is the square: rank 0 holds all of it
+            if sigma is not None and shards.rank == 0:
+                state["sigma_sq"].copy_(torch.as_tensor(sigma).square())
+    shards.write_back(opt.state)
+    shards.discard()

@@ -1,0 +1,81 @@
+"""Checks of what users pass in: engine options, parameters, and each param group's hyperparameters.
+
+Each raises TypeError or ValueError naming the offending value before anything is built.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from . import ablations
+from .rules import KERNELS, Rule
+
+
+def check_engine_options(master_dtype: Any, bucket_mb: Any, grad_comm_dtype: Any, max_grad_norm: Any,
+                         kernel: str) -> str:
+    """Validate the engine's options; returns the kernel choice (``ADAMS_DIST_KERNEL`` overrides "auto")."""
+    if not (isinstance(master_dtype, torch.dtype) and master_dtype.is_floating_point):
+        raise TypeError(f"master_dtype must be a floating torch.dtype, got {master_dtype!r}")
+    if not (isinstance(bucket_mb, (int, float)) and bucket_mb > 0):
+        raise ValueError(f"bucket_mb must be > 0, got {bucket_mb!r}")
+    if grad_comm_dtype is not None and not (
+        isinstance(grad_comm_dtype, torch.dtype) and grad_comm_dtype.is_floating_point
+    ):
+        raise TypeError(f"grad_comm_dtype must be a floating torch.dtype or None, got {grad_comm_dtype!r}")
+    if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+        raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+    kernel = os.environ.get("ADAMS_DIST_KERNEL", kernel) if kernel == "auto" else kernel
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    return kernel
+
+
+def check_params(params: list[Any], groups: list[dict[str, Any]], device: torch.device | None) -> torch.device | None:
+    """Every entry a floating tensor (or a (name, tensor) pair), listed once across all groups, on one device.
+    Returns that device."""
+    tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+    seen = {id(p) for g in groups for p in g["params"]}
+    for i, p in enumerate(tensors):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"parameter #{i} of the group is a {type(p).__name__}, not a Tensor")
+        if not p.is_floating_point():
+            raise TypeError(f"parameter #{i} of the group has dtype {p.dtype}; only floating-point "
+                            "parameters can be optimized")
+        if id(p) in seen:
+            raise ValueError(f"parameter #{i} of the group (shape {tuple(p.shape)}) is listed twice; "
+                             "each tensor may appear once across all param groups")
+        seen.add(id(p))
+        if device is None:
+            device = p.device
+        elif p.device != device:
+            raise ValueError(f"parameter #{i} of the group is on {p.device} but earlier parameters are on "
+                             f"{device}; all parameters must be on one device")
+    return device
+
+
+def check_group(group: dict[str, Any], rule: Rule, ablations_supported: bool) -> None:
+    """Validate one group's hyperparameters in place (betas become a pair of floats)."""
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Tensor lr must have one element, got shape {tuple(lr.shape)}")
+        lr = float(lr)
+    if not (isinstance(lr, (int, float)) and lr >= 0.0):
+        raise ValueError(f"Invalid learning rate: {lr!r} (must be >= 0)")
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, torch.Tensor):
+            beta = float(beta)
+        if not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta!r} (must be in [0, 1))")
+    group["betas"] = (float(betas[0]), float(betas[1]))
+    ablations.validate_group(group, supported=ablations_supported)
+    for key in ("weight_decay", "scalar_vector_weight_decay"):
+        if key in group and not (isinstance(group[key], (int, float)) and group[key] >= 0.0):
+            raise ValueError(f"Invalid {key} value: {group[key]!r} (must be >= 0)")
+    rule.validate(group)
