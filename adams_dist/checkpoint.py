@@ -18,17 +18,14 @@ See docs/checkpoints.md.
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import os
-import tempfile
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from .checkpoint_files import CheckpointError, atomic_save, check_plain, checksum, read, to_cpu
 from .optimizer import ShardedOptimizer
 from .spectral import SpectralShape
 from .version import __version__
@@ -38,10 +35,6 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointError", "load_checkpoint", "sa
 FORMAT = "adams_dist.checkpoint"
 FORMAT_VERSION = 1
 _SECTIONS = ("model", "optimizer", "extra")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded: truncated, corrupt, unsafe, or made for another model/optimizer."""
 
 
 # ---------------------------------------------------------------------------------------------- context
@@ -129,84 +122,13 @@ def _describe_layout(layout: list[int] | None) -> str:
     return f"spectral decay on {heads} head{'s' if heads != 1 else ''} of {rows} x {cols}"
 
 
-_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
-_MAPPINGS = (dict, collections.OrderedDict)
-_SEQUENCES = (list, tuple, set)
-
-
-def _check_plain(obj: Any, where: str) -> None:
-    """Raise TypeError naming the first object ``torch.load(weights_only=True)`` could not restore."""
-    kind = type(obj)
-    if kind in _LEAVES:
-        return
-    if isinstance(obj, torch.Tensor):
-        if kind not in (torch.Tensor, torch.nn.Parameter) or obj.layout != torch.strided or obj.is_meta:
-            raise TypeError(f"{where} is a {kind.__name__} (layout {obj.layout}, device {obj.device}); "
-                            "checkpoints hold plain dense tensors only")
-        return
-    if kind in _MAPPINGS:
-        for key, value in obj.items():
-            if type(key) not in _LEAVES:
-                raise TypeError(f"{where} has a key of type {type(key).__name__}; use str or int keys")
-            _check_plain(value, f"{where}[{key!r}]")
-        return
-    if kind in _SEQUENCES:
-        for i, value in enumerate(obj):
-            _check_plain(value, f"{where}[{i}]")
-        return
-    raise TypeError(f"{where} is a {kind.__module__}.{kind.__qualname__}, which torch.load(weights_only=True) "
-                    "cannot restore without running code; store tensors, numbers, strings, lists, tuples and "
-                    "dicts (e.g. .item() for numpy scalars, .state_dict() for objects)")
-
-
-def _to_cpu(obj: Any) -> Any:
-    """Tensors moved to the CPU, detached, and cloned where they view a larger storage (saved whole otherwise)."""
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach()
-        if t.device.type != "cpu":
-            return t.cpu()
-        if t.untyped_storage().nbytes() != t.numel() * t.element_size():
-            return t.clone()
-        return t
-    kind = type(obj)
-    if kind in _MAPPINGS:
-        return kind((k, _to_cpu(v)) for k, v in obj.items())
-    if kind in _SEQUENCES:
-        return kind(_to_cpu(v) for v in obj)
-    return obj
-
-
-def _checksum(obj: Any, crc: int = 0) -> int:
-    """CRC-32 over the structure and every tensor's bytes, in traversal order (deterministic after loading)."""
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
-        crc = zlib.crc32(f"T{t.dtype}{tuple(t.shape)}".encode(), crc)
-        if t.numel():
-            crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy().data, crc)
-        return crc
-    kind = type(obj)
-    if kind in _MAPPINGS:
-        crc = zlib.crc32(f"D{len(obj)}".encode(), crc)
-        for key, value in obj.items():
-            crc = _checksum(value, zlib.crc32(repr(key).encode(), crc))
-        return crc
-    if kind in (list, tuple):
-        crc = zlib.crc32(f"{kind.__name__[0]}{len(obj)}".encode(), crc)
-        for value in obj:
-            crc = _checksum(value, crc)
-        return crc
-    if kind is set:
-        return zlib.crc32(repr(sorted(repr(v) for v in obj)).encode(), crc)
-    return zlib.crc32(f"{kind.__name__}:{obj!r}".encode(), crc)
-
-
 def _payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim_state: dict[str, Any],
              extra: dict[str, Any], world: int) -> dict[str, Any]:
 
     sections = {"model": model.state_dict(), "optimizer": optim_state, "extra": extra}
     for name, section in sections.items():
-        _check_plain(section, name)
-    sections = {name: _to_cpu(section) for name, section in sections.items()}
+        check_plain(section, name)
+    sections = {name: to_cpu(section) for name, section in sections.items()}
     rule = getattr(optimizer, "rule", None)
     master_dtype = getattr(optimizer, "master_dtype", None)
     metadata = {
@@ -219,82 +141,9 @@ def _payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim_sta
         "params": _fingerprint(model),
         "optimizer_params": _optimizer_param_names(model, optimizer),
         "spectral": _spectral_layout(optimizer),
-        "checksums": {name: _checksum(section) for name, section in sections.items()},
+        "checksums": {name: checksum(section) for name, section in sections.items()},
     }
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "metadata": metadata, **sections}
-
-
-# ---------------------------------------------------------------------------------------------- files
-
-
-def _temp_prefix(path: str) -> str:
-    return f".{os.path.basename(path)}.tmp-"
-
-
-def _fsync_dir(directory: str) -> None:
-    with contextlib.suppress(OSError):  # not every platform/filesystem can fsync a directory
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _remove_stale_temps(path: str) -> None:
-    """Remove temporary files left by earlier saves to ``path`` that were killed mid-write."""
-    directory, prefix = os.path.dirname(path), _temp_prefix(path)
-    with contextlib.suppress(OSError):
-        for name in os.listdir(directory):
-            if name.startswith(prefix):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(directory, name))
-
-
-def _atomic_save(obj: Any, path: str) -> None:
-    """torch.save to a temp file in the target's directory, fsync, then os.replace: all or nothing."""
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    _remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=directory)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        with contextlib.suppress(OSError, AttributeError):
-            os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
-
-
-def _read(path: str) -> Any:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path!r}")
-    if os.path.isdir(path):
-        raise CheckpointError(f"{path!r} is a directory, not a checkpoint file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"PK\x03\x04":  # torch.save's zip container; anything else is damaged or another format
-        raise CheckpointError(f"cannot read checkpoint {path!r}: not a torch.save zip archive "
-                              f"({'empty file' if not magic else 'bad header'}); the file is truncated or corrupt")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # miniz, unpickler and EOF errors all mean the same thing to the user
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "Weights only load failed" in str(e):
-            raise CheckpointError(
-                f"refusing to load {path!r}: its pickle holds something other than tensors and plain data, "
-                "which could run code from the file (or the file is corrupt); it was not written by "
-                f"save_checkpoint. torch.load said: {' '.join(str(e).split())[:400]}"
-            ) from e
-        raise CheckpointError(f"cannot read checkpoint {path!r}: the file is truncated or corrupt "
-                              f"({type(e).__name__}: {first})") from e
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -333,7 +182,7 @@ def _validate(payload: Any, path: str, model: torch.nn.Module, optimizer: torch.
         raise CheckpointError(f"{path!r} lacks its metadata or one of the sections {_SECTIONS}: corrupt file")
     checksums = meta.get("checksums", {})
     for name in _SECTIONS:
-        if checksums.get(name) != _checksum(payload[name]):
+        if checksums.get(name) != checksum(payload[name]):
             raise CheckpointError(f"{path!r}: checksum mismatch in the {name!r} section; the file is corrupt")
 
     # The model: parameter names and shapes, then every state-dict entry (buffers included).
@@ -414,7 +263,7 @@ def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module, optimi
     error: BaseException | None = None
     if ctx.rank == 0:
         try:
-            _atomic_save(_payload(model, optimizer, optim_state, extra, ctx.world), path)
+            atomic_save(_payload(model, optimizer, optim_state, extra, ctx.world), path)
         except Exception as e:
             error = e
     _agree(ctx, error, f"saving checkpoint {path!r}")
@@ -437,7 +286,7 @@ def load_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module,
     payload: Any = None
     error: BaseException | None = None
     try:
-        payload = _read(path)
+        payload = read(path)
         _validate(payload, path, model, optimizer)
     except (FileNotFoundError, CheckpointError) as e:
         error, payload = e, None
