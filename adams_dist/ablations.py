@@ -73,11 +73,11 @@ def is_default(group: dict[str, Any]) -> bool:
     return config(group)[:2] == ("element", False)
 
 
-def check_single_process(groups: list[dict[str, Any]], world_size: int, presharded: bool) -> None:
-    """Raise NotImplementedError when a group asks for an ablation in ZeRO or FSDP2 mode."""
-    if all(is_default(g) for g in groups):
+def check_single_process(groups: list[dict[str, Any]], sharded: str | None) -> None:
+    """Raise NotImplementedError when a group asks for an ablation and the state is ``sharded`` (its description)."""
+    if sharded is None or all(is_default(g) for g in groups):
         return
-    where = "DTensor (FSDP2) parameters" if presharded else f"a process group of {world_size} ranks (ZeRO mode)"
+    where = sharded
     raise NotImplementedError(f"second_moment/rotate ablations run in one process only; this optimizer has {where}. "
                               "Build it without a process group (or with one of size 1) to use them.")
 

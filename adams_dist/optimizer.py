@@ -130,11 +130,10 @@ class ShardedOptimizer(Optimizer):
         new_params = [p for g in groups for p in g["params"]]
         if not hasattr(self, "_shards"):
             self._shards = self._make_shards(new_params)
-        elif (fsdp.mesh_group(new_params) is not None) != isinstance(self._shards, DTensorRows):
+        elif (fsdp.mesh_group(new_params) is not None) != self._shards.takes_dtensors:
             raise ValueError("cannot mix DTensor (FSDP2) parameters with plain ones in one optimizer")
         shards = self._shards
-        if shards.comm is not None:
-            ablations.check_single_process(groups, shards.world_size, isinstance(shards, DTensorRows))
+        ablations.check_single_process(groups, shards.sharded)
         self._ablation_cfg.update({gi: ablations.config(self.param_groups[gi]) for gi in group_indices
                                    if "second_moment" in self.param_groups[gi]})
         pairs = [(gi, p) for gi in group_indices for p in self.param_groups[gi]["params"]]
@@ -185,15 +184,11 @@ class ShardedOptimizer(Optimizer):
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
         """Accumulate gradients locally (overlap mode launches no reduction inside this block)."""
-        shards = self._shards
-        previous = getattr(shards, "accumulating", False)
-        if isinstance(shards, ZeroBuckets):
-            shards.accumulating = True
+        previous, self._shards.accumulating = self._shards.accumulating, True
         try:
             yield
         finally:
-            if isinstance(shards, ZeroBuckets):
-                shards.accumulating = previous
+            self._shards.accumulating = previous
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._shards.discard()

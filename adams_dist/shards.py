@@ -40,6 +40,8 @@ class Shards:
     ``names`` are the per-element state buffers (``master_param`` first, then the rule's moments).
     """
 
+    takes_dtensors = False  # whether parameters arrive as DTensors (one optimizer cannot mix both)
+
     def __init__(self, comm: Comm | None, master_dtype: torch.dtype, names: tuple[str, ...]):
         self.comm = comm
         self.world_size = comm.world_size if comm else 1
@@ -49,6 +51,12 @@ class Shards:
         self.slots: list[Slot] = []
         self._grads: Grads | None = None  # this step's gradient rows per slot, kept until discard()
         self._versions: dict[int, int] = {}  # param version after our last write: a change means a user edit
+        self.accumulating = False  # inside no_sync(): backward hooks launch no reduction
+
+    @property
+    def sharded(self) -> str | None:
+        """How the state is split, for error messages; None when this process holds all of it."""
+        return None
 
     # ------------------------------------------------------------------ building
 
@@ -205,6 +213,12 @@ class LocalRows(Shards):
 class DTensorRows(Shards):
     """DTensor parameters sharded on dim 0 (FSDP2): each rank updates the rows it already holds."""
 
+    takes_dtensors = True
+
+    @property
+    def sharded(self) -> str | None:
+        return "DTensor (FSDP2) parameters"
+
     def _make_slot(self, p: torch.Tensor, index: int, group_index: int, spectral: bool) -> Slot:
         return fsdp.make_slot(p, index, group_index, spectral)
 
@@ -231,7 +245,6 @@ class ZeroBuckets(Shards):
         self.bucket_bytes = int(bucket_mb * 2**20)
         self.grad_comm_dtype = grad_comm_dtype
         self.overlap = overlap
-        self.accumulating = False  # inside no_sync(): hooks launch nothing
         self.buckets: list[Bucket] = []
         self._bucket_of: dict[int, int] = {}  # slot index -> bucket index
         self._reduced: dict[int, torch.Tensor] = {}  # bucket -> averaged gradient shard, while reducing
@@ -239,6 +252,10 @@ class ZeroBuckets(Shards):
         self._pending: dict[int, tuple[Any, torch.Tensor, torch.Tensor]] = {}  # bucket -> (work, shard, staging)
         self._ready: set[int] = set()  # slots whose gradient is final for this step (overlap mode)
         self._hooks: list[Any] = []
+
+    @property
+    def sharded(self) -> str | None:
+        return f"a process group of {self.world_size} ranks (ZeRO mode)"
 
     def add(self, params: list[tuple[int, torch.Tensor]], spectral: bool, fingerprint: list[str]) -> list[Slot]:
         new = super().add(params, spectral, fingerprint)
