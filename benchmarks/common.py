@@ -1,17 +1,13 @@
-"""Shared helpers for the benchmarks: machine facts, interleaved timing, tables, results, a small GPT, a launcher."""
+"""Shared helpers for the benchmarks: machine facts, interleaved timing, tables, results, a small GPT."""
 
 from __future__ import annotations
 
 import datetime
 import json
-import multiprocessing as mp
 import os
-import pickle
 import platform
-import socket
 import statistics
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -111,59 +107,3 @@ class GPT(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         return self.head(self.ln(x))
-
-
-# ---------------------------------------------------------------- processes
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, group: bool, fn: Any, args: tuple, results: Any) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    try:
-        if group:
-            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                    timeout=datetime.timedelta(seconds=600))
-        out = fn(rank, world, *args)
-        if group:
-            dist.destroy_process_group()
-        results.put((rank, pickle.dumps(out), None))
-    except BaseException:
-        results.put((rank, None, traceback.format_exc()))
-
-
-def spawn(fn: Any, world: int, *args: Any, group: bool = True, env: dict[str, str] | None = None,
-          timeout: float = 900) -> list[Any]:
-    """Run ``fn(rank, world, *args)`` in ``world`` fresh one-thread processes; per-rank results.
-
-    With ``group`` (default) they join a gloo process group of size ``world`` (also when it is 1)."""
-    ctx = mp.get_context("spawn")
-    results, port = ctx.Queue(), free_port()
-    old = dict(os.environ)
-    os.environ.update({"OMP_NUM_THREADS": "1", **(env or {})})
-    try:
-        procs = [ctx.Process(target=_worker, args=(r, world, port, group, fn, args, results), daemon=True)
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
-    out: dict[int, Any] = {}
-    try:
-        for _ in range(world):
-            rank, payload, err = results.get(timeout=timeout)
-            if err:
-                raise RuntimeError(f"rank {rank} of {fn.__name__} (world {world}) failed:\n{err}")
-            out[rank] = pickle.loads(payload)
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    return [out[r] for r in range(world)]

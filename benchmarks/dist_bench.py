@@ -25,12 +25,13 @@ import matplotlib
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from common import GPT, machine, save, spawn, table
+from common import GPT, machine, save, table
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import adams_dist
+from adams_dist.testing import run
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -184,7 +185,7 @@ def main() -> None:
                     help="barrier between backward and step, so 'step ms' is update + collectives only")
     args = ap.parse_args()
     cfg = vars(args)
-    rows = [r for w in args.worlds for r in summarize(spawn(worker, w, cfg), w)]
+    rows = [r for w in args.worlds for r in summarize(run(worker, w, cfg, timeout=900), w)]
     print(machine())
     print(f"GPT: {rows[0]['n_params'] / 1e6:.2f}M params, fp32; batch {args.batch}x{args.block} tokens per rank")
     print(table(["W", "optimizer", "step ms", "fwd+bwd ms", "total ms", "total vs DDP+AdamW", "collectives/step",

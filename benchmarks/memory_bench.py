@@ -21,10 +21,11 @@ from pathlib import Path
 import adams
 import matplotlib
 import torch
-from common import machine, param_mix, save, spawn, table
+from common import machine, param_mix, save, table
 from torch.profiler import ProfilerActivity, profile
 
 import adams_dist
+from adams_dist.testing import run
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -110,7 +111,8 @@ def main() -> None:
         for name in OPTIMIZERS:
             if name.startswith("torch") and (int(world) > 1 or dtype != "float32"):
                 continue
-            rows.append(spawn(worker, int(world), name, int(args.size), dtype, group=int(world) > 1, env=env)[0])
+            rows.append(run(worker, int(world), name, int(args.size), dtype, process_group=int(world) > 1,
+                            env=env, timeout=900)[0])
     print(machine())
     print(f"{rows[0]['n_params'] / 1e6:.1f}M params (step_bench mix)")
     print(table(["W", "dtype", "optimizer", "peak MiB (profiler)", "x params", "RSS peak MiB",

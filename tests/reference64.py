@@ -1,8 +1,8 @@
 """An independent float64 reference for every adams_dist update rule.
 
 Written from the math in docs/api.md and the design notes, not from the package: a plain loop over
-parameters, one element-wise formula per rule, everything in float64. It is deliberately slow and
-obvious. Tests drive it like an optimizer:
+parameters, one element-wise formula per rule (``FORMULAS``: rule name -> function), everything in
+float64. It is deliberately slow and obvious. Tests drive it like an optimizer:
 
     ref = Reference("adams", [dict(params=[w, b], lr=1e-2), dict(params=[(x, {"heads": 3})])])
     ref.step([gw, gb, gx])   # one gradient per parameter in order; None skips that parameter
@@ -39,7 +39,7 @@ Adams decay (reads the weights before this step's update):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -65,6 +65,51 @@ def _f(x: Any) -> float:
     if isinstance(x, torch.Tensor):
         return float(x.item())
     return float(x)
+
+
+# ---------------------------------------------------------------- the update formulas
+# One function per rule: the update u of ``p -= lr * u`` from the raw moments m, v, the bias
+# corrections c1 = 1-b1^t, c2 = 1-b2^t, the group's hyperparameters and, for homeadam, the group's
+# decision (True: the SRF step). Decay is applied before, by Reference._step_group.
+Formula = Callable[[torch.Tensor, torch.Tensor, float, float, dict[str, Any], "bool | None"], torch.Tensor]
+
+
+def _adams(m, v, c1, c2, hp, srf):
+    return torch.atan2(m, torch.sqrt(v / c2)) / c1
+
+
+def _adamatan2(m, v, c1, c2, hp, srf):
+    a, b = _f(hp["a"]), _f(hp["b"])
+    if hp.get("bias_correction_in_atan2", False):
+        return a * torch.atan2(m / c1, b * torch.sqrt(v / c2))
+    return a / c1 * torch.atan2(m, b * torch.sqrt(v / c2))
+
+
+def _adamw(m, v, c1, c2, hp, srf):
+    return (m / c1) / (torch.sqrt(v / c2) + _f(hp["eps"]))
+
+
+def _adamsrf(m, v, c1, c2, hp, srf):
+    return (m / c1) / (v / c2 + _f(hp["eps"]))
+
+
+def _homeadam(m, v, c1, c2, hp, srf):
+    return _adamsrf(m, v, c1, c2, hp, srf) if srf else m / c1
+
+
+def _homeadamew(m, v, c1, c2, hp, srf):
+    return torch.where(v / c2 >= _f(hp["tau"]), _adamsrf(m, v, c1, c2, hp, srf), m / c1)
+
+
+FORMULAS: dict[str, Formula] = {
+    "adams": _adams,
+    "adamatan2": _adamatan2,
+    "adamw": _adamw,
+    "adamsrf": _adamsrf,
+    "homeadam": _homeadam,
+    "homeadamew": _homeadamew,
+}
+assert set(FORMULAS) == set(DEFAULTS)
 
 
 class _P:
@@ -192,40 +237,18 @@ class Reference:
                 self.decisions.append((gi, self.n_steps, mn >= tau, abs(mn / tau - 1.0)))
 
         # 3. decay (on the weights before this step's update), then the rule's update
+        formula = FORMULAS[self.rule]
         for k, ((p, _g), (c1, c2)) in enumerate(zip(live, hats)):
-            W = p.value
             if self.rule == "adams":
                 if p.spectral:
                     self._spectral(p, lr * wd)
                 else:
-                    W.mul_(1.0 - lr * _f(group["scalar_vector_weight_decay"]))
+                    p.value.mul_(1.0 - lr * _f(group["scalar_vector_weight_decay"]))
             else:
-                W.mul_(1.0 - lr * wd)
-
-            m, v = p.m, p.v
-            if self.rule == "adams":
-                upd = torch.atan2(m, torch.sqrt(v / c2)) / c1
-            elif self.rule == "adamatan2":
-                a, b = _f(group["a"]), _f(group["b"])
-                if group.get("bias_correction_in_atan2", False):
-                    upd = a * torch.atan2(m / c1, b * torch.sqrt(v / c2))
-                else:
-                    upd = a / c1 * torch.atan2(m, b * torch.sqrt(v / c2))
-            elif self.rule == "adamw":
-                upd = (m / c1) / (torch.sqrt(v / c2) + _f(group["eps"]))
-            elif self.rule == "adamsrf":
-                upd = (m / c1) / (v / c2 + _f(group["eps"]))
-            elif self.rule == "homeadam":
-                upd = (m / c1) / (v / c2 + _f(group["eps"])) if adaptive[k] else m / c1
-            elif self.rule == "homeadamew":
-                tau = _f(group["tau"])
-                vh = v / c2
-                if vh.numel():
-                    self.ew_margin = min(self.ew_margin, float((vh / tau - 1.0).abs().min()))
-                upd = torch.where(vh >= tau, (m / c1) / (vh + _f(group["eps"])), m / c1)
-            else:  # pragma: no cover
-                raise AssertionError(self.rule)
-            W.sub_(lr * upd)
+                p.value.mul_(1.0 - lr * wd)
+            if self.rule == "homeadamew" and p.v.numel():
+                self.ew_margin = min(self.ew_margin, float((p.v / c2 / _f(group["tau"]) - 1.0).abs().min()))
+            p.value.sub_(lr * formula(p.m, p.v, c1, c2, group, adaptive[k] if adaptive else None))
 
     @staticmethod
     def _spectral(p: _P, scale: float) -> None:

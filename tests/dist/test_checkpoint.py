@@ -22,12 +22,14 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from dist_harness import run
-from rule_hparams import RULES
+from adams_dist.testing import run
+from rule_table import hp_of
 from torch import nn
 
 import adams_dist
 from adams_dist.checkpoint import FORMAT, FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
+
+RULES = hp_of("dist")  # rule name -> the multi-process tests' hyperparameters
 
 K, J = 4, 4  # steps before and after the checkpoint
 GLOBAL_BATCH = 12  # divisible by every world size used here, so the averaged gradient is the same
@@ -351,7 +353,7 @@ def test_checkpoint_for_another_model_or_optimizer(saved: Path, mismatch: str) -
         model, opt, _ = make()
         payload = torch.load(saved, weights_only=True)
         del payload["optimizer"]["state"][0]["exp_avg"]
-        from adams_dist.checkpoint import _checksum
+        from adams_dist.checkpoint_files import checksum as _checksum
 
         payload["metadata"]["checksums"]["optimizer"] = _checksum(payload["optimizer"])
         torch.save(payload, saved)

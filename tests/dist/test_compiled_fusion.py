@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dist_harness import run
+from rule_table import hp_of
 
 import adams_dist
 from adams_dist import rules
 from adams_dist.rules import COMPILED_MIN_NUMEL, compile_supported
+from adams_dist.testing import run
 
 needs_compiler = pytest.mark.skipif(not compile_supported(torch.device("cpu")), reason="no C++ compiler")
 
@@ -18,9 +19,7 @@ needs_compiler = pytest.mark.skipif(not compile_supported(torch.device("cpu")), 
 # with scalar decay only (split element-wise).
 SHAPES = [(600, 192), (8, 40, 320), (384, 256), (33,), (5, 7)]
 STEPS = 5
-HP = {"adams": dict(lr=1e-2, weight_decay=0.5, scalar_vector_weight_decay=0.3),
-      "adamw": dict(lr=1e-2, weight_decay=0.3),
-      "homeadamew": dict(lr=1e-3, eps=1e-4, tau=0.5, weight_decay=0.1)}
+HP = hp_of("decay")  # the rules with compiled kernels, with strong decay
 
 
 def make_params(seed: int = 0) -> list[torch.nn.Parameter]:

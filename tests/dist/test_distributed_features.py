@@ -13,7 +13,8 @@ import math
 import time
 
 import torch
-from dist_harness import run
+from adams_dist.testing import run
+from rule_table import BY_NAME, hp_of
 from torch import nn
 
 import adams_dist
@@ -74,15 +75,16 @@ def mlp_loss(model: MLP, step: int, rank: int, micro: int = 0, probe=None) -> to
 # ----------------------------------------------------------------------------- 1 + 9: collectives and bytes
 
 
+ADAMW, ADAMS, HOMEADAM = BY_NAME["adamw"], BY_NAME["adams"], BY_NAME["homeadam"]
 COUNT_CONFIGS = {
-    # name: (class, hyperparameters, number of param groups)
-    "adamw": (adams_dist.AdamW, dict(lr=1e-2), 1),
-    "adams": (adams_dist.Adams, dict(lr=1e-2), 1),
-    "homeadam_1group": (adams_dist.HomeAdam, dict(lr=1e-3), 1),
-    "homeadam_2groups": (adams_dist.HomeAdam, dict(lr=1e-3), 2),
-    "homeadam_2groups_per_tensor": (adams_dist.HomeAdam, dict(lr=1e-3, per_tensor=True), 2),
-    "adamw_bf16": (adams_dist.AdamW, dict(lr=1e-2, grad_comm_dtype=torch.bfloat16), 1),
-    "adams_bf16": (adams_dist.Adams, dict(lr=1e-2, grad_comm_dtype=torch.bfloat16), 1),
+    # name: (rule, hyperparameters and engine options, number of param groups)
+    "adamw": (ADAMW, dict(lr=1e-2), 1),
+    "adams": (ADAMS, dict(lr=1e-2), 1),
+    "homeadam_1group": (HOMEADAM, dict(lr=1e-3), 1),
+    "homeadam_2groups": (HOMEADAM, dict(lr=1e-3), 2),
+    "homeadam_2groups_per_tensor": (HOMEADAM, dict(lr=1e-3, per_tensor=True), 2),
+    "adamw_bf16": (ADAMW, dict(lr=1e-2, grad_comm_dtype=torch.bfloat16), 1),
+    "adams_bf16": (ADAMS, dict(lr=1e-2, grad_comm_dtype=torch.bfloat16), 1),
 }
 COUNT_STEPS = 4
 
@@ -95,9 +97,9 @@ def _groups(params: list[nn.Parameter], n_groups: int) -> list[dict]:
 
 def _counting_worker(rank: int, world: int) -> dict:
     out = {}
-    for name, (cls, hyper, n_groups) in COUNT_CONFIGS.items():
+    for name, (rule, hyper, n_groups) in COUNT_CONFIGS.items():
         params = make_params(SHAPES, seed=0)
-        opt = cls(_groups(params, n_groups), bucket_mb=SMALL_BUCKET_MB, **hyper)
+        opt = rule.cls(_groups(params, n_groups), bucket_mb=SMALL_BUCKET_MB, **hyper)
         colls, sent = [], []
         for step in range(COUNT_STEPS):
             for i, p in enumerate(params):
@@ -129,7 +131,7 @@ def _spectral_control_numel(shapes) -> int:
 def test_collectives_and_bytes_per_step() -> None:
     world = 2
     results = run(_counting_worker, world, timeout=180)
-    for name, (cls, hyper, n_groups) in COUNT_CONFIGS.items():
+    for name, (rule, hyper, n_groups) in COUNT_CONFIGS.items():
         for rank, res in enumerate(results):
             got = res[name]
             n_buckets = len(got["sections"])
@@ -138,7 +140,7 @@ def test_collectives_and_bytes_per_step() -> None:
             for sec, numel in zip(got["sections"], got["bucket_numels"]):
                 assert numel <= sec * world < numel + world * len(SHAPES), (name, sec, numel)
 
-            homeadam = cls is adams_dist.HomeAdam
+            homeadam = rule is HOMEADAM
             expected_colls = 2 * n_buckets + 1 + (n_groups if homeadam else 0)
             assert got["colls"] == [expected_colls] * COUNT_STEPS, (name, rank, got["colls"], n_buckets)
 
@@ -146,7 +148,7 @@ def test_collectives_and_bytes_per_step() -> None:
             frac = (world - 1) / world
             rs = sum(int(world * s * comm_el * frac) for s in got["sections"])  # reduce-scatter of padded grads
             ag = sum(int(world * s * 4 * frac) for s in got["sections"])  # all-gather of fp32 params
-            control_numel = 1 + len(SHAPES) + (_spectral_control_numel(SHAPES) if cls is adams_dist.Adams else 0)
+            control_numel = 1 + len(SHAPES) + (_spectral_control_numel(SHAPES) if rule is ADAMS else 0)
             control = int(2 * control_numel * 4 * frac)
             mins = 0
             if homeadam:
@@ -264,10 +266,7 @@ def test_overlap_and_gradient_accumulation() -> None:
 
 UNUSED_SHAPES = [(7, 5), (13,), (3, 4), (6,), (4, 3)]  # #1: grad on rank 0 only; #3, #4: never a grad
 UNUSED_STEPS = 4
-UNUSED_RULES = {
-    "adamw": dict(lr=1e-2, weight_decay=0.1),
-    "adams": dict(lr=1e-2, weight_decay=0.5, scalar_vector_weight_decay=0.3),
-}
+UNUSED_RULES = hp_of("decay", ["adamw", "adams"])
 
 
 def _unused_grads(step: int, rank: int, world: int | None = None) -> list[torch.Tensor | None]:
@@ -498,8 +497,7 @@ def _clip_and_guard_worker(rank: int, world: int) -> dict:
         out[mode] = {"params": clone_all(params), "norms": norms}
 
     params = make_params(SHAPES, seed=2)
-    opt = adams_dist.Adams(params, lr=1e-2, weight_decay=0.5, scalar_vector_weight_decay=0.3,
-                           bucket_mb=SMALL_BUCKET_MB, skip_nonfinite=True)
+    opt = adams_dist.Adams(params, **ADAMS.hp["decay"], bucket_mb=SMALL_BUCKET_MB, skip_nonfinite=True)
     guard: dict = {"params": [], "steps": [], "skipped": [], "u": [], "norms": []}
     for step in range(GUARD_STEPS):
         for i, p in enumerate(params):
@@ -543,7 +541,7 @@ def test_clipping_and_nonfinite_guard() -> None:
 
     # 8: reference: one process on the averaged gradients, with the poisoned step left out
     ref = make_params(SHAPES, seed=2)
-    opt = adams_dist.Adams(ref, lr=1e-2, weight_decay=0.5, scalar_vector_weight_decay=0.3)
+    opt = adams_dist.Adams(ref, **ADAMS.hp["decay"])
     for step in range(GUARD_STEPS):
         if step == NAN_STEP:
             continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 
@@ -9,7 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from dist_harness import run
+from adams_dist.testing import run
+from rule_table import BY_NAME, hp_of
 
 import adams_dist
 
@@ -61,7 +63,7 @@ def loss_of(model: nn.Module, b: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(model(b[:, :-1]).reshape(-1, VOCAB), b[:, 1:].reshape(-1))
 
 
-HP = {"adams": dict(lr=3e-3, weight_decay=0.5, max_grad_norm=1e3), "adamw": dict(lr=3e-3, max_grad_norm=1e3)}
+HP = {name: dict(hp, max_grad_norm=1e3) for name, hp in hp_of("gpt").items()}  # the rules with a tiny-GPT set
 
 
 def build_sharded(world: int, name: str):
@@ -114,7 +116,7 @@ def reference(world: int, name: str):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("name", ["adams", "adamw"])
+@pytest.mark.parametrize("name", list(HP))
 def test_fully_shard_matches_single_process(world: int, name: str) -> None:
     results = run(train_worker, world, name, timeout=300)
     model, opt = reference(world, name)
@@ -221,3 +223,68 @@ def test_distribute_tensor_params_with_uneven_and_empty_shards() -> None:
         assert len(res) == len(expected)
         for got, exp in zip(res, expected):
             torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
+
+
+# HomeAdam's one decision per group needs the min of v_hat over the whole group, i.e. over every rank's rows.
+HOME_SHAPES = [(4, 3), (6,), (2, 5)]
+HOME_HP = BY_NAME["homeadam"].hp["dist"]  # tau = 0.5 lies between v_hat = 4 and v_hat = 0.0025
+
+
+def home_grads(step: int) -> list[torch.Tensor]:
+    """Magnitude 2 (v_hat = 4) everywhere but one element in row 3 of the first parameter (magnitude 0.05,
+    v_hat = 0.0025): under Shard(0) at W = 2 that row is rank 1's, so only rank 1 holds the group's min."""
+    g = torch.Generator().manual_seed(step)
+    grads = [torch.where(torch.rand(s, generator=g) < 0.5, -2.0, 2.0) for s in HOME_SHAPES]
+    grads[0][3, 1] *= 0.025
+    return grads
+
+
+def home_params() -> list[nn.Parameter]:
+    g = torch.Generator().manual_seed(11)
+    return [nn.Parameter(torch.randn(s, generator=g)) for s in HOME_SHAPES]
+
+
+def home_train(params: list[nn.Parameter], grads_of, **hp) -> None:
+    opt = adams_dist.HomeAdam(params, **{**HOME_HP, **hp})
+    for step in range(5):
+        for p, gr in zip(params, grads_of(step)):
+            p.grad = gr
+        opt.step()
+
+
+def homeadam_dtensor_worker(rank: int, world: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    out = {}
+    for per_tensor in (False, True):
+        params = [nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)])) for p in home_params()]
+        local_grads = [distribute_tensor(gr, mesh, [Shard(0)]).to_local() for gr in home_grads(0)]
+        holds_min = any(bool((gr.abs() < 1).any()) for gr in local_grads)
+        # gradients arrive already averaged, as FSDP2 delivers them
+        home_train(params, lambda step: [distribute_tensor(gr, mesh, [Shard(0)]) for gr in home_grads(step)],
+                   per_tensor=per_tensor)
+        out[per_tensor] = {"params": [p.full_tensor().detach().clone() for p in params], "holds_min": holds_min}
+    return out
+
+
+@functools.cache
+def homeadam_dtensor_results() -> list[dict]:
+    return run(homeadam_dtensor_worker, 2, timeout=240)  # one spawn serves both cases below
+
+
+@pytest.mark.parametrize("per_tensor", [False, True], ids=["group", "per_tensor"])
+def test_homeadam_decision_over_dtensor_shards_is_global(per_tensor: bool) -> None:
+    results = homeadam_dtensor_results()
+    assert [r[per_tensor]["holds_min"] for r in results] == [False, True]  # the min lives on rank 1 only
+    params = home_params()
+    home_train(params, home_grads, per_tensor=per_tensor)  # one process: momentum-SGD (min v_hat < tau)
+    srf = home_params()
+    home_train(srf, home_grads, per_tensor=per_tensor, tau=1e-6)  # what a rank-local min would do on rank 0
+    for rank, res in enumerate(results):
+        for i, (got, exp) in enumerate(zip(res[per_tensor]["params"], params)):
+            torch.testing.assert_close(got, exp.detach(), rtol=1e-5, atol=1e-6, msg=lambda s, i=i, r=rank:
+                                       f"rank {r} param {i}: {s}")
+    # the two branches differ on rank 0's rows of the first parameter (rows 0-1), so the check has teeth
+    assert float((params[0] - srf[0]).detach()[:2].abs().max()) > 1e-3

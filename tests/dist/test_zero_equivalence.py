@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dist_harness import run
-from rule_hparams import RULES
+from adams_dist.testing import run
+from rule_table import hp_of
 
 import adams_dist
+
+RULES = hp_of("dist")  # rule name -> the multi-process tests' hyperparameters
 
 SHAPES = [(7, 5), (3, 5, 7), (13,), (), (2, 1, 9), (6, 4), (11, 3)]
 STEPS = 20
@@ -94,3 +96,40 @@ def test_state_is_sharded() -> None:
         per_rank = [r["adamw"]["state_bytes"] for r in results]
         assert sum(per_rank) >= full  # nothing is lost
         assert max(per_rank) <= full / world * 1.6 + 64, (world, per_rank, full)
+
+
+def strided_params(seed: int) -> list[torch.nn.Parameter]:
+    """Parameters whose memory is not one contiguous block, as transposed or sliced weights are."""
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(5, 7, generator=g).t()),                 # (7, 5), transposed
+              torch.nn.Parameter(torch.randn(3, 7, 5, generator=g).transpose(1, 2)),  # (3, 5, 7), per-head transposed
+              torch.nn.Parameter(torch.randn(13, generator=g)),
+              torch.nn.Parameter(torch.randn(6, 8, generator=g)[:, ::2])]             # (6, 4), every other column
+    assert [p.is_contiguous() for p in params] == [False, False, True, False]
+    return params
+
+
+def strided_worker(rank: int, world: int) -> dict:
+    out = {}
+    for name in RULES:
+        params = strided_params(seed=rank)  # different init per rank: rank 0's must win
+        train(name, params, lambda step: [rank_grad(step, rank, p.shape) for p in params], bucket_mb=1e-4)
+        out[name] = [(p.detach().clone(), p.stride()) for p in params]
+    return out
+
+
+def test_non_contiguous_params_match_single_process() -> None:
+    """Every rank's non-contiguous parameters receive the gathered update, in their own layout."""
+    world = 2
+    results = run(strided_worker, world, timeout=240)
+    start = strided_params(seed=0)
+    for name in RULES:
+        params = strided_params(seed=0)
+        train(name, params, lambda step: [torch.stack([rank_grad(step, r, p.shape) for r in range(world)]).mean(0)
+                                          for p in params])
+        for rank, res in enumerate(results):
+            for i, ((got, stride), p, p0) in enumerate(zip(res[name], params, start)):
+                assert stride == p0.stride(), f"{name} rank {rank} param {i}: the layout changed"
+                torch.testing.assert_close(got, p.detach(), rtol=2e-5, atol=2e-5,
+                                           msg=lambda s, i=i, r=rank: f"{name} rank {r} param {i}: {s}")
+        assert all(float((p - p0).detach().abs().max()) > 1e-3 for p, p0 in zip(params, start))  # all moved

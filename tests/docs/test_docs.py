@@ -9,7 +9,7 @@ How code blocks are run (the conventions doc writers can rely on):
 - ```python title="setup" marks stand-ins for user objects (``build_model()``, a data loader, a
   path). It runs like any block and, in addition, first in every rank of the file's torchrun
   blocks. Wrap it in ``<details><summary>...</summary>`` to keep it out of the reader's way.
-- ```python title="torchrun" runs in 2 real processes (tests/dist_harness.py: gloo on CPU, a
+- ```python title="torchrun" runs in 2 real processes (adams_dist.testing.run: gloo on CPU, a
   default process group already initialised, RANK/WORLD_SIZE/LOCAL_RANK set as torchrun sets
   them, CUDA hidden). Each rank runs the file's setup blocks, then its torchrun blocks in order,
   in one namespace, with a working directory shared by the ranks.
@@ -159,7 +159,7 @@ def _one_plain_process(workdir: str):
 
 
 def run_rank_blocks(rank: int, world: int, files: list[list[tuple[str, int, str]]], workdir: str) -> list[list[Any]]:
-    """In each rank (tests/dist_harness.py), per file: its setup blocks, then its torchrun blocks, in one namespace.
+    """In each rank (adams_dist.testing.run), per file: its setup blocks, then its torchrun blocks, in one namespace.
 
     ``files`` holds, per file, (Markdown path, first line, code) of those blocks. Returns per file one entry
     per block: None when it ran, the traceback when it failed, "not run" after a failure. Progress goes to
@@ -198,7 +198,7 @@ def _torchrun_chain(blocks: list[Block]) -> list[Block]:
 
 def run_all_torchrun_blocks(workdir: Path) -> dict[str, dict[int, str | None]]:
     """Every file's torchrun blocks in ONE harness run (spawning processes is the expensive part)."""
-    from dist_harness import run
+    from adams_dist.testing import run
 
     chains = {rel(p): _torchrun_chain(python_blocks(p)) for p in doc_files()}
     chains = {f: c for f, c in chains.items() if c}

@@ -12,9 +12,14 @@ import math
 
 import pytest
 import torch
-from dist_harness import run
 
 import adams_dist
+from adams_dist.testing import run
+
+try:
+    from tests.rule_table import BY_NAME, hp_of
+except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
+    from rule_table import BY_NAME, hp_of
 
 F64 = torch.float64
 SHAPES = [(7, 5), (3, 5, 7), (13,), ()]
@@ -26,12 +31,8 @@ OPTIONS = {
     "rotate+row": dict(second_moment="row", rotate=True, rotation_seed=7),
     "rotate+tensor": dict(second_moment="tensor", rotate=True, rotation_seed=3),
 }
-RULES = {
-    "adamatan2": dict(lr=2e-2, betas=(0.9, 0.99), weight_decay=0.1),
-    "adamatan2-pytorch": dict(lr=2e-2, betas=(0.9, 0.99), weight_decay=0.1, a=1.27, b=0.5,
-                              bias_correction_in_atan2=True),
-    "adamw": dict(lr=2e-2, betas=(0.9, 0.99), weight_decay=0.1, eps=1e-8),
-}
+# the rules with ablations (the table's "ablation" set), and AdamATan2 configured as adam-atan2-pytorch
+RULES = {**hp_of("ablation"), "adamatan2-pytorch": BY_NAME["adamatan2"].hp["pytorch"]}
 
 
 # ------------------------------------------------------------------------------------- the reference

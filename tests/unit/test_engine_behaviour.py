@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from rule_table import BY_NAME, hp_of
 
 import adams_dist
 
@@ -70,12 +71,8 @@ def test_unknown_keyword_names_the_class() -> None:
         adams_dist.HomeAdam([torch.nn.Parameter(torch.ones(2))], foreach=True)
 
 
-@pytest.mark.parametrize("name,hp", [
-    ("adams", dict(lr=1e-2, weight_decay=0.2)),
-    ("adamatan2", dict(lr=1e-2, a=1.27, b=1.5, bias_correction_in_atan2=True)),
-    ("adamatan2", dict(lr=1e-2, b=0.0)),
-    ("adamw", dict(lr=1e-2, eps=1e-6)),
-])
+@pytest.mark.parametrize("name,hp", [(n, hp_of("kernel")[n]) for n in ("adams", "adamatan2", "adamw")]
+                         + [("adamatan2", BY_NAME["adamatan2"].hp["sign"])])
 def test_large_tensor_path_equals_foreach_path(name, hp, monkeypatch) -> None:
     """Tensors above COMPILED_MIN_NUMEL stream through a scratch buffer; same numbers as the foreach ops."""
     import adams_dist.rules as rules

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from rule_table import hp_of
 
 import adams_dist
 from adams_dist.rules import COMPILED_MIN_NUMEL, compile_supported
@@ -37,14 +38,7 @@ def trajectory(name: str, kernel: str, **hp) -> tuple[list[torch.Tensor], str]:
 
 
 @pytest.mark.skipif(not compile_supported(torch.device("cpu")), reason="no C++ compiler for torch.compile")
-@pytest.mark.parametrize("name,hp", [
-    ("adams", dict(lr=1e-2, weight_decay=0.3)),
-    ("adamatan2", dict(lr=1e-2, a=1.27, b=2.0, bias_correction_in_atan2=True)),
-    ("adamw", dict(lr=1e-2, eps=1e-6)),
-    ("adamsrf", dict(lr=1e-3, eps=1e-4, weight_decay=0.1)),
-    # tau between the smallest and largest v_hat, so both branches of the per-element switch run
-    ("homeadamew", dict(lr=1e-3, eps=1e-4, tau=0.5, weight_decay=0.1)),
-])
+@pytest.mark.parametrize("name,hp", list(hp_of("kernel").items()))  # every rule with a compiled kernel
 def test_compiled_matches_foreach(name: str, hp: dict) -> None:
     fast, path = trajectory(name, "compiled", **hp)
     slow, slow_path = trajectory(name, "foreach", **hp)

@@ -14,8 +14,10 @@ import adams_dist
 
 try:
     from tests.reference64 import Reference
+    from tests.rule_table import BY_NAME, TABLE
 except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
     from reference64 import Reference
+    from rule_table import BY_NAME, TABLE
 
 # ADAMS_DIST_HYPOTHESIS_EXAMPLES=500 for a deeper local search; CI keeps it small and fast.
 SETTINGS = settings(
@@ -56,7 +58,7 @@ def test_atan2_step_is_bounded(seed, steps, lr, b1, b2, zero_frac, rule, a):
     lr*a*pi/2 (inside), with every decay off."""
     params = _params(seed)
     if rule == "adams":
-        opt = adams_dist.Adams_ZeRO(params, lr=lr, betas=(b1, b2), weight_decay=0.0, scalar_vector_weight_decay=0.0)
+        opt = adams_dist.Adams_ZeRO(params, lr=lr, betas=(b1, b2), **BY_NAME["adams"].hp["no_decay"])
         a = 1.0
     else:
         opt = adams_dist.AdamATan2(params, lr=lr, betas=(b1, b2), weight_decay=0.0, a=a, b=1.0,
@@ -81,7 +83,7 @@ def test_adams_first_step_is_atan_of_one_minus_beta1(seed, lr, b1, b2):
     """Step 1 (decays off) moves every element by exactly lr*atan(1-b1)/(1-b1)*sign(g)."""
     params = _params(seed)
     x0 = [p.detach().double().clone() for p in params]
-    opt = adams_dist.Adams_ZeRO(params, lr=lr, betas=(b1, b2), weight_decay=0.0, scalar_vector_weight_decay=0.0)
+    opt = adams_dist.Adams_ZeRO(params, lr=lr, betas=(b1, b2), **BY_NAME["adams"].hp["no_decay"])
     grads = _grads(torch.Generator().manual_seed(seed + 7), params, zero_frac=0.2)
     for p, gr in zip(params, grads):
         p.grad = gr.clone()
@@ -116,29 +118,22 @@ def test_adams_trajectory_is_invariant_to_gradient_scale(seed, c, lr, b1, b2, wd
     assert moved > 0.3 * lr
 
 
-RULE_CLASSES = {
-    "adams": ("Adams_ZeRO", dict(weight_decay=0.0, scalar_vector_weight_decay=0.0)),
-    "adamatan2": ("AdamATan2", dict(weight_decay=0.0)),
-    "adamw": ("AdamW", dict(weight_decay=0.0)),
-    "adamsrf": ("AdamSRF", dict(weight_decay=0.0)),
-    "homeadam": ("HomeAdam", dict(weight_decay=0.0, tau=1e-3)),
-    "homeadam_pt": ("HomeAdam", dict(weight_decay=0.0, tau=1e-3, per_tensor=True)),
-    "homeadamew": ("HomeAdamEW", dict(weight_decay=0.0, tau=1e-3)),
-}
+# every rule with all decays 0, plus HomeAdam deciding per tensor: case -> (rule, hyperparameters)
+RULE_CASES = {r.name: (r, r.hp["no_decay"]) for r in TABLE}
+RULE_CASES["homeadam_pt"] = (BY_NAME["homeadam"], dict(BY_NAME["homeadam"].hp["no_decay"], per_tensor=True))
 
 
 @SETTINGS
 @given(seed=st.integers(0, 2**16), steps=st.integers(1, 5), lr=st.floats(1e-4, 0.1), b1=betas1, b2=betas2,
-       rule=st.sampled_from(list(RULE_CLASSES)), zero_frac=st.sampled_from([0.3, 1.0]))
+       rule=st.sampled_from(list(RULE_CASES)), zero_frac=st.sampled_from([0.3, 1.0]))
 def test_zero_gradient_elements_do_not_move(seed, steps, lr, b1, b2, rule, zero_frac):
     """With decays 0, an element whose gradient was zero at every step stays bit-identical;
     the others follow the float64 reference."""
-    name, hp = RULE_CLASSES[rule]
+    row, hp = RULE_CASES[rule]
     params = _params(seed)
     x0 = [p.detach().clone() for p in params]
-    ref = Reference(name.replace("_ZeRO", ""), params, lr=lr, betas=(b1, b2),
-                    **{k: v for k, v in hp.items()})
-    opt = getattr(adams_dist, name)(params, lr=lr, betas=(b1, b2), **hp)
+    ref = Reference(row.name, params, lr=lr, betas=(b1, b2), **hp)
+    opt = row.cls(params, lr=lr, betas=(b1, b2), **hp)
     g = torch.Generator().manual_seed(seed + 5)
     # a fixed zero pattern over all steps
     masks = [torch.rand(p.shape, generator=g) >= zero_frac for p in params]

@@ -19,8 +19,10 @@ from torch import nn
 
 try:
     from tests.reference64 import Reference
+    from tests.rule_table import BY_CLASS, TABLE
 except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
     from reference64 import Reference
+    from rule_table import BY_CLASS, TABLE
 
 F64 = torch.float64
 
@@ -348,12 +350,10 @@ def test_homeadam_tiny_tau_equals_adamsrf():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", ["HomeAdam", "HomeAdamEW"])
+@pytest.mark.parametrize("name", [r.class_name for r in TABLE if "tau" in r.defaults])  # the switching rules
 def test_homeadam_huge_tau_equals_momentum_sgd(name):
-    import adams_dist
-
     lr, b1, wd = 1e-2, 0.9, 0.05
-    init, gseq, got = _random_run(getattr(adams_dist, name),
+    init, gseq, got = _random_run(BY_CLASS[name].cls,
                                   dict(lr=lr, betas=(b1, 0.999), eps=1e-8, tau=1e12, weight_decay=wd))
     # independent hand loop: momentum SGD with bias-corrected first moment and decoupled decay
     xs = [p.double() for p in init]

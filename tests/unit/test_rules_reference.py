@@ -17,34 +17,19 @@ import adams_dist
 
 try:
     from tests.reference64 import Reference
+    from tests.rule_table import BY_NAME, TABLE
 except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
     from reference64 import Reference
+    from rule_table import BY_NAME, TABLE
 
-CLASSES = {
-    "adams": "Adams_ZeRO",
-    "adamatan2": "AdamATan2",
-    "adamw": "AdamW",
-    "adamsrf": "AdamSRF",
-    "homeadam": "HomeAdam",
-    "homeadamew": "HomeAdamEW",
-}
+RULES = [r.name for r in TABLE]
+# Two groups of hyperparameters per rule: the table's "group_a" and "group_b", which differ in every value.
+# HomeAdam gradient magnitudes are 2 or 0.05 per element (v_hat = 4 or 0.0025); see _grad_mags
 
-# Two groups of hyperparameters per rule (group 0, group 1); group 1 differs in every value.
-HP = {
-    "adams": (dict(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, scalar_vector_weight_decay=0.2),
-              dict(lr=3e-2, betas=(0.8, 0.99), weight_decay=0.5, scalar_vector_weight_decay=0.05)),
-    "adamatan2": (dict(lr=1e-2, betas=(0.9, 0.999), weight_decay=0.1, a=1.0, b=1.0),
-                  dict(lr=2e-2, betas=(0.8, 0.99), weight_decay=0.0, a=1.27, b=2.0)),
-    "adamw": (dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01),
-              dict(lr=2e-2, betas=(0.8, 0.99), eps=1e-3, weight_decay=0.2)),
-    "adamsrf": (dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0),
-                dict(lr=2e-3, betas=(0.8, 0.99), eps=1e-2, weight_decay=0.1)),
-    # gradient magnitudes are 2 or 0.05 per element (v_hat = 4 or 0.0025); see _grad_mags
-    "homeadam": (dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, tau=1e-2, weight_decay=0.0),
-                 dict(lr=2e-3, betas=(0.8, 0.99), eps=1e-6, tau=1e-3, weight_decay=0.1)),
-    "homeadamew": (dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, tau=1e-2, weight_decay=0.0),
-                   dict(lr=2e-3, betas=(0.8, 0.99), eps=1e-6, tau=0.5, weight_decay=0.1)),
-}
+
+def _hp(rule):
+    return BY_NAME[rule].hp["group_a"], BY_NAME[rule].hp["group_b"]
+
 
 N_STEPS = 8
 # (param index, 1-based step) pairs whose grad is None
@@ -107,15 +92,15 @@ def _grad(p, g, mag):
 
 
 def _make_opt(rule, params, **ctor):
-    cls = getattr(adams_dist, CLASSES[rule])
-    h0, h1 = HP[rule]
+    cls = BY_NAME[rule].cls
+    h0, h1 = _hp(rule)
     groups = [dict(params=[params[i] for i in GROUPS[0]], **h0),
               dict(params=[params[i] for i in GROUPS[1]], **h1)]
     return cls(groups, **ctor)
 
 
 def _make_ref(rule, ref_entries, **ctor):
-    h0, h1 = HP[rule]
+    h0, h1 = _hp(rule)
     groups = [dict(params=[ref_entries[i] for i in GROUPS[0]], **h0),
               dict(params=[ref_entries[i] for i in GROUPS[1]], **h1)]
     return Reference(rule, groups, **ctor)
@@ -153,7 +138,7 @@ def _assert_fp32_close(params, ref_params, t=None):
                                    msg=lambda s, i=i: f"param {i} step {t}: {s}")
 
 
-@pytest.mark.parametrize("rule", list(CLASSES))
+@pytest.mark.parametrize("rule", RULES)
 def test_rule_matches_reference_fp32(rule):
     initial, _ = _make_params(seed=0)
     initial = [p.detach().clone() for p in initial]
@@ -184,6 +169,36 @@ def test_adamatan2_conventions_differ():
     a, _, _, _ = _run("adamatan2", ctor=dict(bias_correction_in_atan2=False))
     b, _, _, _ = _run("adamatan2", ctor=dict(bias_correction_in_atan2=True))
     assert max(float((x - y).detach().abs().max()) for x, y in zip(a, b)) > 1e-3
+
+
+@pytest.mark.parametrize("per_tensor", [False, True], ids=["group", "per_tensor"])
+def test_homeadam_takes_the_srf_step_when_min_v_hat_equals_tau(per_tensor):
+    """The switch is ``min(v_hat) >= tau``: at equality HomeAdam takes the SRF step.
+
+    With beta2 = 1/2 and a gradient of magnitude 1/2, v = (1 - 2^-t)/4 and c2 = 1 - 2^-t are exact in
+    fp32 and float64, so v_hat = 1/4 = tau exactly at every step; every other element has v_hat = 1."""
+    hp = dict(lr=1e-2, betas=(0.9, 0.5), eps=1e-8, tau=0.25, per_tensor=per_tensor)
+    g = torch.Generator().manual_seed(3)
+    init = [torch.randn(4, 3, generator=g), torch.randn(5, generator=g)]
+    mags = [torch.ones(x.shape) for x in init]
+    mags[0][2, 1] = 0.5  # each tensor's (and so the group's) min v_hat is tau
+    mags[1][4] = 0.5
+    params = [nn.Parameter(x.clone()) for x in init]
+    opt = adams_dist.HomeAdam(params, **hp)
+    ref = Reference("homeadam", init, **hp)
+    sgd = Reference("homeadam", init, **{**hp, "tau": 0.25 * (1 + 1e-9)})  # tau just above: momentum-SGD
+    for t in range(1, 6):
+        grads = [_grad(p, g, m) for p, m in zip(params, mags)]
+        for p, gr in zip(params, grads):
+            p.grad = gr.clone()
+        opt.step()
+        ref.step(grads)
+        sgd.step(grads)
+        _assert_fp32_close(params, ref.params, t)
+    assert ref.decisions and all(adaptive and margin == 0.0 for _, _, adaptive, margin in ref.decisions)
+    assert not any(adaptive for _, _, adaptive, _ in sgd.decisions)
+    # the two branches really differ here (an SRF step is m_hat / v_hat = 4 m_hat on the small elements)
+    assert max(float((p.detach().double() - q).abs().max()) for p, q in zip(params, sgd.params)) > 1e-2
 
 
 def test_homeadam_per_tensor_matches_reference():
@@ -381,7 +396,7 @@ def test_spectral_decay_amount_matches_rank1_formula():
 
 
 # ------------------------------------------------------------------ master_dtype=float64: tight agreement
-@pytest.mark.parametrize("rule", list(CLASSES))
+@pytest.mark.parametrize("rule", RULES)
 def test_float64_masters_match_reference_tightly(rule):
     """With float64 masters the engine computes in float64: its masters must match the float64
     reference far below fp32 rounding (catches small formula slips a 1e-5 tolerance would hide)."""

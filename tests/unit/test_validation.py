@@ -16,14 +16,15 @@ import adams_dist
 
 try:
     from tests.reference64 import Reference
+    from tests.rule_table import TABLE
 except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
     from reference64 import Reference
+    from rule_table import TABLE
 
-ALL = ["Adams_ZeRO", "AdamATan2", "AdamW", "AdamSRF", "HomeAdam", "HomeAdamEW"]
-WITH_EPS = ["AdamW", "AdamSRF", "HomeAdam", "HomeAdamEW"]
-WITH_TAU = ["HomeAdam", "HomeAdamEW"]
-REF_NAME = {"Adams_ZeRO": "adams", "AdamATan2": "adamatan2", "AdamW": "adamw", "AdamSRF": "adamsrf",
-            "HomeAdam": "homeadam", "HomeAdamEW": "homeadamew"}
+ALL = [r.class_name for r in TABLE]
+WITH_EPS = [r.class_name for r in TABLE if "eps" in r.defaults]
+WITH_TAU = [r.class_name for r in TABLE if "tau" in r.defaults]
+REF_NAME = {r.class_name: r.name for r in TABLE}
 
 
 def _cls(name):
@@ -34,7 +35,16 @@ def _p(*shape):
     return nn.Parameter(torch.randn(*shape))
 
 
-# ------------------------------------------------------------------ hyperparameter checks
+# ------------------------------------------------------------------ defaults and hyperparameter checks
+@pytest.mark.parametrize("rule", TABLE, ids=str)
+def test_defaults_are_the_documented_ones(rule):
+    """The class defaults are the rule table's (the float64 reference's, written from the docs)."""
+    group = rule.cls([_p(3)]).param_groups[0]
+    for key, value in rule.defaults.items():
+        assert group[key] == value, f"{rule.class_name}: {key} is {group[key]!r}, the docs say {value!r}"
+    assert adams_dist.create_optimizer(rule.name, [_p(3)]).__class__ is rule.cls
+
+
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("lr", [-1e-3, -1.0])
 def test_negative_lr(name, lr):
@@ -157,7 +167,7 @@ def test_create_optimizer_unknown_name_lists_valid_names():
         adams_dist.create_optimizer("adamz", [_p(3)])
     msg = str(exc.value)
     assert "adamz" in msg
-    for valid in ["adams", "adamatan2", "adamw", "adamsrf", "homeadam", "homeadamew"]:
+    for valid in [r.name for r in TABLE]:
         assert valid in msg.lower().replace("_", "").replace("-", ""), f"{valid} not listed in: {msg}"
 
 
