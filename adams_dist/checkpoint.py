@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint_files import CheckpointError, atomic_save, check_plain, checksum, read, to_cpu
+from .comm import all_gather_json
 from .optimizer import ShardedOptimizer
 from .spectral import SpectralShape
 from .version import __version__
@@ -69,9 +70,7 @@ def _agree(ctx: _Ctx, error: BaseException | None, what: str) -> None:
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ctx.group)
     if int(flag.item()) == 0:
         return
-    mine = None if error is None else (type(error).__name__, str(error))
-    reports: list[Any] = [None] * ctx.world
-    dist.all_gather_object(reports, mine, group=ctx.group)
+    reports = all_gather_json(None if error is None else [type(error).__name__, str(error)], ctx.group)
     if error is not None:
         raise error
     rank, (kind, message) = next((r, rep) for r, rep in enumerate(reports) if rep is not None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import os
 import tempfile
 import zlib
@@ -69,13 +70,18 @@ def to_cpu(obj: Any) -> Any:
     return obj
 
 
+def _raw_bytes(t: torch.Tensor) -> ctypes.Array:
+    """A contiguous CPU tensor's bytes, without a copy and without numpy."""
+    return (ctypes.c_ubyte * (t.numel() * t.element_size())).from_address(t.data_ptr())
+
+
 def checksum(obj: Any, crc: int = 0) -> int:
     """CRC-32 over the structure and every tensor's bytes, in traversal order (deterministic after loading)."""
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous()
         crc = zlib.crc32(f"T{t.dtype}{tuple(t.shape)}".encode(), crc)
         if t.numel():
-            crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy().data, crc)
+            crc = zlib.crc32(_raw_bytes(t), crc)
         return crc
     kind = type(obj)
     if kind in _MAPPINGS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -10,6 +11,29 @@ import torch.distributed as dist
 # torch >= 2.12 renamed the flat collectives; older releases only have the *_tensor names.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _device_for(group: Any | None) -> torch.device:
+    """Where this group's tensors must live: the current GPU for NCCL, the CPU otherwise."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_json(obj: Any, group: Any | None = None) -> list[Any]:
+    """Every rank's ``obj`` (anything ``json`` encodes), in rank order. Two small all-gathers of
+    tensors, so it needs neither pickle nor numpy (torch's ``all_gather_object`` needs both)."""
+    world, device = dist.get_world_size(group), _device_for(group)
+    data = torch.tensor(list(json.dumps(obj).encode()), dtype=torch.uint8, device=device)
+    sizes = torch.zeros(world, dtype=torch.int64, device=device)
+    dist.all_gather_into_tensor(sizes, torch.tensor([data.numel()], dtype=torch.int64, device=device), group=group)
+    longest = int(sizes.max())
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[: data.numel()] = data
+    out = torch.empty(world * longest, dtype=torch.uint8, device=device)
+    dist.all_gather_into_tensor(out, padded, group=group)
+    rows = out.view(world, longest).cpu()
+    return [json.loads(bytes(rows[r, : int(sizes[r])].tolist()).decode()) for r in range(world)]
 
 
 class Comm:
@@ -61,8 +85,7 @@ class Comm:
 
     def check_same_everywhere(self, fingerprint: list[str], what: str) -> None:
         """Raise on every rank, naming the first difference, unless all ranks pass equal lists."""
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, fingerprint, group=self.group)
+        gathered = all_gather_json(fingerprint, self.group)
         reference = gathered[0]
         for rank, other in enumerate(gathered):
             if other == reference:
