@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
+from . import rules
 from .optimizer import ShardedOptimizer
-from .rules import AdamWRule, Atan2Rule, HomeAdamEWRule, HomeAdamRule, SRFRule
 
 
 class Adams_ZeRO(ShardedOptimizer):  # noqa: N801 - name kept from the reference package
@@ -18,7 +18,7 @@ class Adams_ZeRO(ShardedOptimizer):  # noqa: N801 - name kept from the reference
     Unlike the reference, scalar/vector decay also applies when ``weight_decay == 0``.
     """
 
-    rule = Atan2Rule()
+    rule = rules.get("atan2")
     uses_spectral_decay = True
 
     def __init__(self, params: Any, master_dtype: torch.dtype = torch.float32, process_group: Any | None = None,
@@ -41,7 +41,7 @@ class AdamATan2(ShardedOptimizer):
     (adams_dist/ablations.py).
     """
 
-    rule = Atan2Rule()
+    rule = rules.get("atan2")
 
     def __init__(self, params: Any, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  weight_decay: float = 0.01, a: float = 1.0, b: float = 1.0,
@@ -60,7 +60,7 @@ class AdamW(ShardedOptimizer):
     (adams_dist/ablations.py).
     """
 
-    rule = AdamWRule()
+    rule = rules.get("adamw")
 
     def __init__(self, params: Any, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01, *, second_moment: str = "element",
@@ -73,7 +73,7 @@ class AdamW(ShardedOptimizer):
 class AdamSRF(ShardedOptimizer):
     """AdamSRF (HomeAdam paper, Algorithm 1): ``m_hat / (v_hat + eps)``, no square root."""
 
-    rule = SRFRule()
+    rule = rules.get("srf")
 
     def __init__(self, params: Any, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, **engine: Any):
@@ -83,7 +83,7 @@ class AdamSRF(ShardedOptimizer):
 class HomeAdam(ShardedOptimizer):
     """HomeAdam (Algorithm 2): AdamSRF while ``min(v_hat) >= tau`` over the whole group, else momentum-SGD."""
 
-    rule = HomeAdamRule()
+    rule = rules.get("homeadam")
 
     def __init__(self, params: Any, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, tau: float = 1e-6, weight_decay: float = 0.0, per_tensor: bool = False,
@@ -95,7 +95,7 @@ class HomeAdam(ShardedOptimizer):
 class HomeAdamEW(ShardedOptimizer):
     """HomeAdamEW (Algorithm 3): the HomeAdam switch decided per element."""
 
-    rule = HomeAdamEWRule()
+    rule = rules.get("homeadamew")
 
     def __init__(self, params: Any, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, tau: float = 1e-6, weight_decay: float = 0.0, **engine: Any):
@@ -112,11 +112,29 @@ OPTIMIZERS: dict[str, type[ShardedOptimizer]] = {
 }
 
 
+BUILTIN = frozenset(OPTIMIZERS)  # the names create_optimizer knows before any register_optimizer
+
+
+def _key(name: str) -> str:
+    key = str(name).lower().replace("-", "").replace("_", "")
+    return "adams" if key == "adamszero" else key
+
+
+def register_optimizer(name: str, cls: type[ShardedOptimizer]) -> type[ShardedOptimizer]:
+    """Make ``create_optimizer(name, ...)`` build ``cls`` (a ``ShardedOptimizer`` subclass, usually with a rule
+    from ``rules.register``); returns ``cls``. Registering a name again replaces it; built-in names are kept."""
+    key = _key(name)
+    if key in BUILTIN and OPTIMIZERS[key] is not cls:
+        raise ValueError(f"{name!r} is a built-in optimizer; register yours under another name")
+    if not (isinstance(cls, type) and issubclass(cls, ShardedOptimizer)):
+        raise TypeError(f"register_optimizer needs a ShardedOptimizer subclass, got {cls!r}")
+    OPTIMIZERS[key] = cls
+    return cls
+
+
 def create_optimizer(name: str, params: Any, **hparams: Any) -> ShardedOptimizer:
     """Build an optimizer by name (case-insensitive; '-' and '_' ignored), e.g. ``"adams"`` or ``"AdamW"``."""
-    key = str(name).lower().replace("-", "").replace("_", "")
-    if key == "adamszero":
-        key = "adams"
+    key = _key(name)
     if key not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZERS)}")
     return OPTIMIZERS[key](params, **hparams)

@@ -107,7 +107,7 @@ def power_rows(w_rows: torch.Tensor, u_rows: torch.Tensor, row_start: int, shape
     """The power step on this rank's rows: ``u_r <- W_r v`` per head, without touching W.
 
     Returns, per run of rows, the pieces of the rank-1 decay ``W_r -= coef * (W_r v) v^T`` so that
-    the caller can apply it eagerly (``decay_rows``) or fused into the element-wise update.
+    the caller can apply it (``rank1_``) eagerly or fused into the element-wise update.
     ``sigma_sq[h]`` receives this rank's part of ``||W v||^2``. Heads marked ``dead`` restart from
     a fixed non-constant vector instead of staying at zero forever.
     """
@@ -126,10 +126,23 @@ def power_rows(w_rows: torch.Tensor, u_rows: torch.Tensor, row_start: int, shape
     return out
 
 
+def rank1_(w: torch.Tensor, wv: torch.Tensor, vt: torch.Tensor, coef: float) -> None:
+    """``W -= coef * (W v) v^T`` in place on a ``(heads, rows, cols)`` view, with ``wv`` ``(heads, rows, 1)``
+    and ``vt`` ``(heads, 1, cols)`` from ``power_rows``: the only implementation of the rank-1 decay.
+
+    Eager, one batched GEMM. While torch.compile traces an update kernel, a broadcast outer product
+    instead, which inductor fuses into the update's single pass over memory.
+    """
+    if torch.compiler.is_compiling():
+        w.sub_(wv * vt * coef)
+    else:
+        w.baddbmm_(wv, vt, alpha=-coef)
+
+
 def apply_rank1(w_rows: torch.Tensor, runs: list[PowerRun], coef: float) -> None:
     """``W_r -= coef * (W_r v) v^T`` for the runs ``power_rows`` returned."""
     for lo, hi, wv, vt in runs:
-        w_rows[lo:hi].view(wv.shape[0], -1, w_rows.shape[1]).baddbmm_(wv, vt, alpha=-coef)
+        rank1_(w_rows[lo:hi].view(wv.shape[0], -1, w_rows.shape[1]), wv, vt, coef)
 
 
 def decay_rows(w_rows: torch.Tensor, u_rows: torch.Tensor, row_start: int, shape: SpectralShape,

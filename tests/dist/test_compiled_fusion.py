@@ -122,7 +122,7 @@ def one_process(kernel: str) -> tuple[list[torch.Tensor], torch.optim.Optimizer]
 
 
 def test_failed_compile_warns_and_takes_the_eager_path(monkeypatch) -> None:
-    monkeypatch.setattr(rules, "_compiled_cache", {})
+    monkeypatch.setattr(rules.compiled, "_compiled_cache", {})
     monkeypatch.setattr(torch, "compile", lambda *a, **k: _failing_compile)
     # "auto" resolving to compiled (as on CUDA) falls back with a warning instead of raising
     monkeypatch.setattr(rules.Rule, "kernel_path", lambda self, device, requested="auto": (
@@ -136,7 +136,7 @@ def test_failed_compile_warns_and_takes_the_eager_path(monkeypatch) -> None:
 
 
 def test_failed_compile_raises_when_compiled_was_requested(monkeypatch) -> None:
-    monkeypatch.setattr(rules, "_compiled_cache", {})
+    monkeypatch.setattr(rules.compiled, "_compiled_cache", {})
     monkeypatch.setattr(torch, "compile", lambda *a, **k: _failing_compile)
     params = make_params()
     before = [p.detach().clone() for p in params]

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from adams_dist.atan2 import atan2_nonneg
 from adams_dist.rules import compile_supported
+from adams_dist.rules.atan2 import atan2, atan2_nonneg
 
 
 def ulp_error(got: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -53,3 +53,12 @@ def test_special_values_match_torch() -> None:
 def test_float64_is_exact_torch_atan2() -> None:
     y, x = wide_inputs(10_000)
     assert torch.equal(atan2_nonneg(y.double(), x.double()), torch.atan2(y.double(), x.double()))
+
+
+def test_rules_atan2_is_torch_atan2_when_eager_and_the_polynomial_when_compiled() -> None:
+    y, x = wide_inputs(10_000)
+    assert torch.equal(atan2(y, x), torch.atan2(y, x))
+    if compile_supported(torch.device("cpu")):
+        got = torch.compile(atan2)(y, x)
+        torch.testing.assert_close(got, atan2_nonneg(y, x), rtol=2.5e-7, atol=0.0)
+        assert not torch.equal(got, torch.atan2(y, x))  # the polynomial ran, not torch's atan2

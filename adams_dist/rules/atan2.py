@@ -1,4 +1,4 @@
-"""atan2(y, x) for x >= 0 as a short polynomial, for the compiled update kernels.
+"""atan2(y, x) for x >= 0: ``torch.atan2`` when eager, a short polynomial inside compiled kernels.
 
 On CPU, inductor's vectorised ``atan2`` (SLEEF, 1 ulp) costs more than the rest of a fused Adam step
 together: the step stops being memory-bound. This version is a handful of fused multiply-adds that
@@ -37,3 +37,11 @@ def atan2_nonneg(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     r = z + z * s * q
     r = torch.where(ay > x, math.pi / 2 - r, r)
     return torch.copysign(r, y)
+
+
+def atan2(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """atan2 for rule functions (``x >= 0``): ``torch.atan2`` when eager, the polynomial while torch.compile
+    traces (float64 keeps ``torch.atan2`` there too), so one rule function serves both paths."""
+    if torch.compiler.is_compiling():
+        return atan2_nonneg(y, x)
+    return torch.atan2(y, x)

@@ -1,0 +1,88 @@
+"""What the engine asks of a rule, and the pieces every rule shares.
+
+A rule sees only flat tensors (this rank's piece of each parameter's master weights, averaged
+gradient and state) plus per-tensor step counts. It never sees Parameter objects or process groups;
+the one cross-shard quantity a rule may need (HomeAdam's min of v_hat) is requested through
+``reduce_min``, which the engine backs with a MIN all-reduce.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..decay import Decay
+from .compiled import compile_supported
+
+Tensors = list[torch.Tensor]
+ReduceMin = Callable[[torch.Tensor], torch.Tensor]
+KERNELS = ("auto", "foreach", "compiled")
+
+# Hyperparameters every rule checks when present: (lowest value, whether it is allowed).
+_LOWER_BOUNDS = {"eps": (0.0, True), "a": (0.0, False), "b": (0.0, True), "tau": (0.0, False)}
+
+
+def adam_moments(g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, beta1: float, beta2: float) -> None:
+    """m = b1*m + (1-b1)*g ; v = b2*v + (1-b2)*g^2, in place on one tensor (eager or traced)."""
+    if torch.compiler.is_compiling():  # plain products keep the betas kernel inputs (lerp_ would bake them in)
+        m.add_((g - m) * (1.0 - beta1))
+        v.mul_(beta2).add_(g * g * (1.0 - beta2))
+    else:
+        m.lerp_(g, 1.0 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+
+
+def apply_decays(params: Sequence[torch.Tensor], decays: Sequence[Decay]) -> None:
+    """Each tensor's decay before its update; the scalar ones in one foreach call."""
+    scaled = [(p, d.keep) for p, d in zip(params, decays) if d.keep != 1.0 and not d.rank1]
+    if scaled:
+        torch._foreach_mul_([p for p, _ in scaled], [keep for _, keep in scaled])
+    for p, d in zip(params, decays):
+        if d.rank1:
+            d.apply_(p)
+
+
+class Rule:
+    """An update rule as the engine drives it: decay and state in, ``params += update`` out.
+
+    ``state_names`` are the per-tensor state buffers the engine keeps (and checkpoints) for the rule;
+    ``hyperparams`` the param-group keys it reads besides ``lr``; ``required`` those without a default.
+    """
+
+    name = ""
+    state_names: tuple[str, ...] = ()
+    hyperparams: tuple[str, ...] = ()
+    required: tuple[str, ...] = ()
+    compilable = False
+
+    def kernel_path(self, device: torch.device, requested: str = "auto") -> str:
+        """Which path ``requested`` resolves to on ``device``: "compiled" or "foreach"."""
+        if not self.compilable or requested == "foreach":
+            return "foreach"
+        if requested == "compiled":
+            return "compiled"
+        # auto: compile where it is cheap and pays off at once (CUDA + Triton); on CPU the first
+        # compile takes tens of seconds, so it is opt-in there (kernel="compiled").
+        return "compiled" if device.type == "cuda" and compile_supported(device) else "foreach"
+
+    def validate(self, group: dict[str, Any]) -> None:
+        for key in self.required:
+            if key not in group:
+                raise ValueError(f"the {self.name} rule needs the hyperparameter {key!r} in every param group")
+        for key, (low, inclusive) in _LOWER_BOUNDS.items():
+            if key not in group:
+                continue
+            value = group[key]
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                value >= low if inclusive else value > low)
+            if not ok:
+                raise ValueError(f"Invalid {key} value: {value!r} (must be a float {'>=' if inclusive else '>'} {low})")
+
+    def apply(self, params: Tensors, grads: Tensors, state: dict[str, Tensors], steps: Sequence[float],
+              group: dict[str, Any], lr: float, reduce_min: ReduceMin, decays: Sequence[Decay],
+              compiled: bool = False, strict: bool = False) -> bool:
+        """Decay and update every tensor in place. Returns False when ``compiled`` was asked for but a
+        kernel could not be built and the eager path stood in (the engine then stops asking)."""
+        raise NotImplementedError

@@ -1,0 +1,74 @@
+"""torch.compile of a rule's update function, fused with the tensor's decay into one kernel.
+
+One code object per (rule, kind), compiled once per process with dynamic shapes. The scalars (lr,
+step, hyperparameters and what the rule derives from them) are kernel inputs, not constants, so a
+new step or learning rate reuses the kernel instead of compiling another.
+"""
+
+from __future__ import annotations
+
+import shutil
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .. import spectral
+
+# Below this many elements a compiled call's fixed cost (guards, wrappers) exceeds what fusion saves.
+COMPILED_MIN_NUMEL = 1 << 15
+# Inductor stores an intermediate to memory once it grows past a few dozen ops or reads (atan2's
+# polynomial does), and a stored intermediate splits the kernel into two passes; these keep each
+# update one loop. Options this torch does not know are left out.
+_ONE_LOOP = {name: 10_000 for name in ("realize_opcount_threshold", "realize_cpu_opcount_threshold",
+                                       "realize_reads_threshold", "realize_acc_reads_threshold",
+                                       "realize_cpu_acc_reads_threshold")}
+
+_compiled_cache: dict[tuple[Callable, bool], Callable] = {}
+
+
+def compile_supported(device: torch.device) -> bool:
+    """Whether torch.compile can build kernels here: Triton for CUDA, a C++ compiler for CPU."""
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        return True
+    if device.type == "cpu":
+        return any(shutil.which(cc) for cc in ("g++", "c++", "clang++"))
+    return False
+
+
+def compiled_kernel(name: str, rule_fn: Callable, rank1: bool) -> Callable:
+    """Decay + one tensor's update as one kernel; ``update`` is what ``rule_fn`` returned for this step.
+
+    ``rank1=False``: ``p = keep * p + update(*tensors)`` over a flat tensor, called as
+    ``kernel(p, tensors, keep, update)``. ``rank1=True``: over ``(heads, rows, cols)`` views,
+    ``p = p - coef * wv * vt + update(*tensors)``, called as ``kernel(p, tensors, wv, vt, coef, update)``;
+    the spectral decay costs no pass over memory of its own. The scalars ``update`` closes over are
+    kernel inputs, computed in Python once per call: scalar math traced into the kernel would run
+    once per vector of elements (``pow`` under -fmath-errno is not hoisted out of the loop).
+    """
+    key = (rule_fn, rank1)
+    if key not in _compiled_cache:
+        import torch._inductor.config as inductor_config
+
+        options: dict[str, Any] = {k: v for k, v in _ONE_LOOP.items() if hasattr(inductor_config, k)}
+        # No on-disk graph cache: where a scalar is both a kernel input and baked in as a constant (a
+        # beta used by mul_ and by addcmul_'s value=), it served a kernel compiled for another value.
+        options["fx_graph_cache"] = False
+        if rank1:
+            def kernel(p, tensors, wv, vt, coef: float, update: Callable) -> None:
+                spectral.rank1_(p, wv, vt, coef)
+                p.add_(update(*tensors))
+        else:
+            def kernel(p, tensors, keep: float, update: Callable) -> None:  # type: ignore[misc]
+                p.mul_(keep).add_(update(*tensors))
+        # A code object of its own per (rule, kind): torch.compile caps the graphs kept per code object.
+        kind = f"{name}_{'rank1' if rank1 else 'flat'}_kernel"
+        code = kernel.__code__.replace(co_name=kind)
+        kernel = types.FunctionType(code, kernel.__globals__, kind, kernel.__defaults__, kernel.__closure__)
+        _compiled_cache[key] = torch.compile(kernel, dynamic=True, fullgraph=True, options=options)
+    return _compiled_cache[key]

@@ -1,0 +1,78 @@
+"""Every eager path of every element-wise rule equals its one update function applied to whole tensors.
+
+The chunked path (large tensors), the batched path (small tensors) and any hand-written override of the
+small path are all checked against ``rule.make_update(...)(g, *state)`` on each whole tensor, for each
+registered rule. (The compiled path is checked against these in test_kernels_and_info.py.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adams_dist import rules
+from adams_dist.decay import Decay
+from adams_dist.rules.elementwise import CHUNK_PER_THREAD
+
+# Every hyperparameter any built-in rule reads; tau sits inside the range of v_hat, so HomeAdamEW
+# takes both branches.
+GROUP = dict(betas=(0.9, 0.99), eps=1e-3, tau=0.3, a=1.27, b=2.0, bias_correction_in_atan2=True)
+LR, KEEP = 1e-2, 1.0 - 1e-3
+ELEMENTWISE = [r for r in map(rules.get, rules.names()) if isinstance(r, rules.ElementwiseRule)]
+OVERRIDES = [r for r in ELEMENTWISE if r.small is not None]
+
+
+def tensors(sizes: list[int], rule: rules.ElementwiseRule, seed: int = 0) -> tuple[list, list[tuple]]:
+    """params and (g, *state) per tensor; the second state (v, for the Adam rules) is positive."""
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(n, generator=g) for n in sizes]
+    rest = [tuple(torch.randn(n, generator=g) if k < 2 else torch.rand(n, generator=g)
+                  for k in range(1 + len(rule.state_names))) for n in sizes]
+    return params, rest
+
+
+def by_function(rule: rules.ElementwiseRule, params: list, rest: list[tuple], steps: list[float]) -> None:
+    for p, ts, step in zip(params, rest, steps):
+        p.mul_(KEEP).add_(rule.make_update(GROUP, LR, step)(*ts))
+
+
+def assert_same(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_every_built_in_rule_is_covered() -> None:
+    assert {r.name for r in ELEMENTWISE} >= {"atan2", "adamw", "srf", "homeadamew"}
+
+
+@pytest.mark.parametrize("rule", ELEMENTWISE, ids=lambda r: r.name)
+def test_chunked_large_path_equals_the_function(rule: rules.ElementwiseRule) -> None:
+    n = 2 * CHUNK_PER_THREAD * torch.get_num_threads() + 12345  # three chunks, the last one partial
+    params, rest = tensors([n], rule)
+    want_p, want_rest = [p.clone() for p in params], [tuple(t.clone() for t in ts) for ts in rest]
+    by_function(rule, want_p, want_rest, [3.0])
+    update = rule.make_update(GROUP, LR, 3.0)
+    assert rule.update_large(params[0], rest[0], Decay(keep=KEEP), update, compiled=False, strict=False) is False
+    assert_same(params + list(rest[0]), want_p + list(want_rest[0]))
+
+
+@pytest.mark.parametrize("rule", ELEMENTWISE, ids=lambda r: r.name)
+def test_batched_small_path_equals_the_function(rule: rules.ElementwiseRule) -> None:
+    sizes, steps = [1, 7, 300, 5000, 64, 0, 9], [4.0, 4.0, 4.0, 2.0, 4.0, 4.0, 2.0]  # two step counts
+    params, rest = tensors(sizes, rule)
+    want_p, want_rest = [p.clone() for p in params], [tuple(t.clone() for t in ts) for ts in rest]
+    by_function(rule, want_p, want_rest, steps)
+    rule.update_small(params, rest, steps, [Decay(keep=KEEP)] * len(sizes), GROUP, LR)
+    assert_same(params + [t for ts in rest for t in ts], want_p + [t for ts in want_rest for t in ts])
+
+
+@pytest.mark.parametrize("rule", OVERRIDES or [pytest.param(None, marks=pytest.mark.skip("no rule has one"))],
+                         ids=lambda r: getattr(r, "name", "none"))
+def test_small_path_override_equals_the_derived_path(rule: rules.ElementwiseRule) -> None:
+    sizes, steps = [1, 7, 300, 5000, 64, 9], [4.0, 4.0, 4.0, 2.0, 4.0, 2.0]
+    params, rest = tensors(sizes, rule)
+    want_p, want_rest = [p.clone() for p in params], [tuple(t.clone() for t in ts) for ts in rest]
+    rule.update_small(want_p, want_rest, steps, [Decay(keep=KEEP)] * len(sizes), GROUP, LR)
+    state = {name: [ts[k + 1] for ts in rest] for k, name in enumerate(rule.state_names)}
+    rule.apply(params, [ts[0] for ts in rest], state, steps, GROUP, LR, lambda t: t, [Decay(keep=KEEP)] * len(sizes))
+    assert_same(params + [t for ts in rest for t in ts], want_p + [t for ts in want_rest for t in ts])
