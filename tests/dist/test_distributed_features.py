@@ -112,8 +112,8 @@ def _counting_worker(rank: int, world: int) -> dict:
         out[name] = {
             "colls": colls,
             "bytes": sent,
-            "sections": [b.section_numel for b in opt._buckets],
-            "bucket_numels": [sum(s.param.numel() for s in b.slots) for b in opt._buckets],
+            "sections": [b.section_numel for b in opt._shards.buckets],
+            "bucket_numels": [sum(s.param.numel() for s in b.slots) for b in opt._shards.buckets],
             "params": clone_all(params),
         }
     return out
@@ -182,25 +182,25 @@ def _train_mlp(rank: int, steps: int, overlap: bool, micro: int = 1, mode: str =
     info: dict = {"mid": [], "after": [], "colls": []}
 
     def probe(grad: torch.Tensor) -> None:
-        info["mid"].append(len(opt._pending))
+        info["mid"].append(opt._shards.in_flight)
 
     for step in range(steps):
         c0 = opt.collectives_issued
         if mode == "sum":
             sum(mlp_loss(model, step, rank, k) for k in range(micro)).backward()
-            info["after"].append(len(opt._pending))
+            info["after"].append(opt._shards.in_flight)
         else:
             for k in range(micro):
                 last = k == micro - 1
                 ctx = opt.no_sync() if mode == "no_sync" and not last else contextlib.nullcontext()
                 with ctx:
                     mlp_loss(model, step, rank, k, probe if last else None).backward()
-                info["after"].append(len(opt._pending))
+                info["after"].append(opt._shards.in_flight)
         opt.step()
         opt.zero_grad()
         info["colls"].append(opt.collectives_issued - c0)
     info["params"] = clone_all(model.parameters())
-    info["n_buckets"] = len(opt._buckets)
+    info["n_buckets"] = len(opt._shards.buckets)
     return info
 
 
@@ -308,11 +308,11 @@ def _train_branchy(rank: int, overlap: bool) -> dict:
         g = torch.Generator().manual_seed(50 * step + rank)
         x, y = torch.randn(4, 6, generator=g), torch.randn(4, 3, generator=g)
         ((model(x, use_extra=rank == 0) - y) ** 2).mean().backward()
-        after.append(len(opt._pending))
+        after.append(opt._shards.in_flight)
         opt.step()
         opt.zero_grad()
     return {"params": dict((k, v.detach().clone()) for k, v in model.named_parameters()),
-            "after": after, "n_buckets": len(opt._buckets),
+            "after": after, "n_buckets": len(opt._shards.buckets),
             "never_steps": [float(opt.state[p]["step"]) for p in model.never.parameters()]}
 
 

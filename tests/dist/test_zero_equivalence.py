@@ -49,7 +49,7 @@ def worker(rank: int, world: int, dtype: torch.dtype) -> dict:
             "masters": [sd["state"][i]["master_param"].clone() for i in range(len(params))],
             "sigmas": [s.clone() for s in opt.spectral_sigmas().values()],
             "state_bytes": opt.state_bytes(),
-            "n_buckets": len(opt._buckets),
+            "n_buckets": len(opt._shards.buckets),
         }
     return out
 
