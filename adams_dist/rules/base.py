@@ -26,19 +26,26 @@ _LOWER_BOUNDS = {"eps": (0.0, True), "a": (0.0, False), "b": (0.0, True), "tau":
 
 def adam_moments(g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, beta1: float, beta2: float) -> None:
     """m = b1*m + (1-b1)*g ; v = b2*v + (1-b2)*g^2, in place on one tensor (eager or traced)."""
-    if torch.compiler.is_compiling():  # plain products keep the betas kernel inputs (lerp_ would bake them in)
-        m.add_((g - m) * (1.0 - beta1))
-        v.mul_(beta2).add_(g * g * (1.0 - beta2))
-    else:
-        m.lerp_(g, 1.0 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    m.lerp_(g, 1.0 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+
+
+def adam_moments_foreach(grads: Tensors, ms: Tensors, vs: Tensors, beta1: float, beta2: float) -> None:
+    """``adam_moments`` over lists of tensors, in three foreach calls."""
+    torch._foreach_lerp_(ms, grads, 1.0 - beta1)
+    torch._foreach_mul_(vs, beta2)
+    torch._foreach_addcmul_(vs, grads, grads, value=1.0 - beta2)
 
 
 def apply_decays(params: Sequence[torch.Tensor], decays: Sequence[Decay]) -> None:
-    """Each tensor's decay before its update; the scalar ones in one foreach call."""
-    scaled = [(p, d.keep) for p, d in zip(params, decays) if d.keep != 1.0 and not d.rank1]
-    if scaled:
-        torch._foreach_mul_([p for p, _ in scaled], [keep for _, keep in scaled])
+    """Each tensor's decay before its update; the scalar ones in one foreach call per distinct factor
+    (a list of factors would take foreach's slow path)."""
+    by_keep: dict[float, list[torch.Tensor]] = {}
+    for p, d in zip(params, decays):
+        if d.keep != 1.0 and not d.rank1:
+            by_keep.setdefault(d.keep, []).append(p)
+    for keep, ps in by_keep.items():
+        torch._foreach_mul_(ps, keep)
     for p, d in zip(params, decays):
         if d.rank1:
             d.apply_(p)

@@ -32,6 +32,11 @@ _STEP_ARGS = ("lr", "step")
 CHUNK_PER_THREAD = 1 << 16
 
 
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D view (the engine's shards already are one)."""
+    return t if t.dim() == 1 else t.view(-1)
+
+
 def _chunk_numel(p: torch.Tensor) -> int:
     if p.device.type != "cpu":  # accelerators: no cache to stay in, and a launch per op costs more
         return p.numel()
@@ -43,33 +48,27 @@ def add_in_chunks(p: torch.Tensor, tensors: Sequence[torch.Tensor], delta: Calla
     """``p = keep*p + delta(*tensors)`` over flat tensors, one cache-sized chunk at a time."""
     size = _chunk_numel(p)
     for lo in range(0, p.numel(), size):
-        step = delta(*(t[lo: lo + size] for t in tensors))
+        change = delta(*(t[lo: lo + size] for t in tensors))
         part = p[lo: lo + size]
-        if keep != 1.0:
-            part.mul_(keep)
-        part.add_(step)
+        torch.add(change, part, alpha=keep, out=part)  # change + keep*p in one pass
 
 
 class ElementwiseRule(Rule):
     """A rule given as ``rule_fn`` (see the module docstring) and the names of its state tensors.
 
     The hyperparameters are ``rule_fn``'s arguments besides ``lr`` and ``step``; the ones without a
-    default must be in every param group. ``small`` may name a hand-written override of the
-    small-tensor path, ``small(params, grads, state, steps, group, lr)``, kept only where it is faster;
-    tests check that it equals the derived path.
+    default must be in every param group.
     """
 
     compilable = True
 
-    def __init__(self, name: str, rule_fn: Callable[..., Callable[..., torch.Tensor]], state_names: Sequence[str],
-                 small: Callable[..., None] | None = None):
+    def __init__(self, name: str, rule_fn: Callable[..., Callable[..., torch.Tensor]], state_names: Sequence[str]):
         args = inspect.signature(rule_fn).parameters.values()
         if any(a.kind in (a.POSITIONAL_ONLY, a.VAR_POSITIONAL, a.VAR_KEYWORD) for a in args):
             raise TypeError(f"{name}: rule_fn takes named arguments only (lr, step, hyperparameters)")
         self.name = name
         self.rule_fn = rule_fn
         self.state_names = tuple(state_names)
-        self.small = small
         self.takes = tuple(a.name for a in args if a.name in _STEP_ARGS)
         self.hyperparams = tuple(a.name for a in args if a.name not in _STEP_ARGS)
         self.defaults = {a.name: a.default for a in args if a.default is not inspect.Parameter.empty}
@@ -84,20 +83,17 @@ class ElementwiseRule(Rule):
     def apply(self, params, grads, state, steps, group, lr, reduce_min, decays, compiled=False, strict=False):
         tensors = [(g, *(state[name][i] for name in self.state_names)) for i, g in enumerate(grads)]
         small, kernel_ok = [], True
+        updates: dict[float, Callable[..., torch.Tensor]] = {}  # one per step count (usually one in all)
         for i, p in enumerate(params):
             if p.numel() < COMPILED_MIN_NUMEL:
                 small.append(i)
-            else:
-                update = self.make_update(group, lr, steps[i])
-                kernel_ok = self.update_large(p, tensors[i], decays[i], update, compiled and kernel_ok, strict)
+                continue
+            if steps[i] not in updates:
+                updates[steps[i]] = self.make_update(group, lr, steps[i])
+            kernel_ok = self.update_large(p, tensors[i], decays[i], updates[steps[i]], compiled and kernel_ok, strict)
         if small:
             pick = lambda ts: [ts[i] for i in small]  # noqa: E731
-            if self.small is not None:
-                apply_decays(pick(params), pick(decays))
-                self.small(pick(params), pick(grads), {k: pick(v) for k, v in state.items()}, pick(list(steps)),
-                           group, lr)
-            else:
-                self.update_small(pick(params), pick(tensors), pick(list(steps)), pick(list(decays)), group, lr)
+            self.update_small(pick(params), pick(tensors), pick(list(steps)), pick(list(decays)), group, lr)
         return kernel_ok or not compiled
 
     def update_large(self, p: torch.Tensor, tensors: tuple[torch.Tensor, ...], decay: Decay,
@@ -147,10 +143,8 @@ class ElementwiseRule(Rule):
                 params[idx[0]].add_(update(*tensors[idx[0]]))
                 continue
             sizes = [params[i].numel() for i in idx]
-            flat = [torch.cat([tensors[i][k].reshape(-1) for i in idx]) for k in range(len(tensors[idx[0]]))]
+            flat = [torch.cat([_flat(tensors[i][k]) for i in idx]) for k in range(len(tensors[idx[0]]))]
             delta = update(*flat)
             for k in range(1, len(flat)):  # the state, updated in place in the flat copies
-                torch._foreach_copy_([tensors[i][k] for i in idx],
-                                     [c.view_as(tensors[i][k]) for i, c in zip(idx, flat[k].split(sizes))])
-            torch._foreach_add_([params[i] for i in idx],
-                                [c.view_as(params[i]) for i, c in zip(idx, delta.split(sizes))])
+                torch._foreach_copy_([_flat(tensors[i][k]) for i in idx], flat[k].split(sizes))
+            torch._foreach_add_([_flat(params[i]) for i in idx], delta.split(sizes))

@@ -2,7 +2,8 @@
 
 Each takes this step's scalars and returns the update of one tensor, which changes the state in place
 and returns the step to add to the parameter (decay is the engine's, applied around it). ``exp_avg``
-is m, ``exp_avg_sq`` is v; c1 = 1 - b1^t, c2 = 1 - b2^t.
+is m, ``exp_avg_sq`` is v; c1 = 1 - b1^t, c2 = 1 - b2^t. In-place ops on their own temporaries
+(``.mul_`` on a fresh result) keep the eager paths from allocating more; compiled, they cost nothing.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import math
 import torch
 
 from .atan2 import atan2
-from .base import Rule, adam_moments, apply_decays
-from .elementwise import ElementwiseRule, add_in_chunks
+from .base import Rule, adam_moments, adam_moments_foreach, apply_decays
+from .elementwise import ElementwiseRule
 
 
 def atan2_rule(lr, step, betas, a=1.0, b=1.0, bias_correction_in_atan2=False):
@@ -25,12 +26,14 @@ def atan2_rule(lr, step, betas, a=1.0, b=1.0, bias_correction_in_atan2=False):
     """
     beta1, beta2 = betas
     c1, c2 = 1.0 - beta1**step, 1.0 - beta2**step
-    k_in, k_out = (1.0 / c1, 1.0) if bias_correction_in_atan2 else (1.0, 1.0 / c1)
-    den_mul, scale = b / math.sqrt(c2), -lr * a * k_out
+    inside = bool(bias_correction_in_atan2)
+    k_in, den_mul = 1.0 / c1, b / math.sqrt(c2)
+    scale = -lr * a if inside else -lr * a / c1
 
     def update(g, exp_avg, exp_avg_sq):
         adam_moments(g, exp_avg, exp_avg_sq, beta1, beta2)
-        return atan2(exp_avg * k_in, exp_avg_sq.sqrt() * den_mul) * scale
+        den = exp_avg_sq.sqrt().mul_(den_mul)
+        return atan2(exp_avg * k_in if inside else exp_avg, den).mul_(scale)
 
     return update
 
@@ -42,25 +45,23 @@ def adamw_rule(lr, step, betas, eps):
 
     def update(g, exp_avg, exp_avg_sq):
         adam_moments(g, exp_avg, exp_avg_sq, beta1, beta2)
-        return exp_avg / (exp_avg_sq.sqrt() * inv_sqrt_c2 + eps) * scale
+        return (exp_avg * scale).div_(exp_avg_sq.sqrt().mul_(inv_sqrt_c2).add_(eps))
 
     return update
 
 
-def srf_step(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, eps_c2: float, scale: float) -> torch.Tensor:
-    """-lr * m_hat / (v_hat + eps) as ``m / (v + eps*c2) * (-lr*c2/c1)``, without forming m_hat or v_hat."""
-    return exp_avg / (exp_avg_sq + eps_c2) * scale
-
-
 def srf_rule(lr, step, betas, eps):
-    """AdamSRF (HomeAdam Algorithm 1): p -= lr * m_hat / (v_hat + eps), no square root."""
+    """AdamSRF (HomeAdam Algorithm 1): p -= lr * m_hat / (v_hat + eps), no square root.
+
+    Computed as ``m * (-lr*c2/c1) / (v + eps*c2)``, without forming m_hat or v_hat.
+    """
     beta1, beta2 = betas
     c1, c2 = 1.0 - beta1**step, 1.0 - beta2**step
     eps_c2, scale = eps * c2, -lr * c2 / c1
 
     def update(g, exp_avg, exp_avg_sq):
         adam_moments(g, exp_avg, exp_avg_sq, beta1, beta2)
-        return srf_step(exp_avg, exp_avg_sq, eps_c2, scale)
+        return (exp_avg * scale).div_(exp_avg_sq + eps_c2)
 
     return update
 
@@ -76,7 +77,8 @@ def homeadamew_rule(lr, step, betas, eps, tau):
 
     def update(g, exp_avg, exp_avg_sq):
         adam_moments(g, exp_avg, exp_avg_sq, beta1, beta2)
-        return exp_avg * torch.where(exp_avg_sq < tau_c2, 1.0, c2 / (exp_avg_sq + eps_c2)) * scale
+        factor = (exp_avg_sq + eps_c2).reciprocal_().mul_(c2).masked_fill_(exp_avg_sq < tau_c2, 1.0)
+        return factor.mul_(exp_avg).mul_(scale)
 
     return update
 
@@ -105,8 +107,7 @@ class HomeAdamRule(Rule):
         apply_decays(params, decays)
         beta1, beta2 = group["betas"]
         exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
-        for g, m, v in zip(grads, exp_avgs, exp_avg_sqs):
-            adam_moments(g, m, v, beta1, beta2)
+        adam_moments_foreach(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
         c1, c2 = [1.0 - beta1**t for t in steps], [1.0 - beta2**t for t in steps]
         eps, tau = float(group["eps"]), float(group["tau"])
         inf = torch.tensor(math.inf, dtype=torch.float64)
@@ -117,8 +118,8 @@ class HomeAdamRule(Rule):
         else:
             use_srf = [bool(reduce_min(local_mins.min().reshape(1)) >= tau)] * len(params)
         for p, m, v, a, b, srf_ok in zip(params, exp_avgs, exp_avg_sqs, c1, c2, use_srf):
-            if srf_ok:
-                add_in_chunks(p, (m, v), lambda m, v, a=a, b=b: srf_step(m, v, eps * b, -lr * b / a))
+            if srf_ok:  # AdamSRF's step, added into p by addcdiv_: one temporary instead of two
+                p.addcdiv_(m, v + eps * b, value=-lr * b / a)
             else:
                 p.add_(m, alpha=-lr / a)
         return True

@@ -1,8 +1,8 @@
 """Every eager path of every element-wise rule equals its one update function applied to whole tensors.
 
-The chunked path (large tensors), the batched path (small tensors) and any hand-written override of the
-small path are all checked against ``rule.make_update(...)(g, *state)`` on each whole tensor, for each
-registered rule. (The compiled path is checked against these in test_kernels_and_info.py.)
+The chunked path (large tensors) and the batched path (small tensors) are checked against
+``rule.make_update(...)(g, *state)`` on each whole tensor, for each registered rule. (The compiled
+path is checked against these in test_kernels_and_info.py; no rule has a hand-written path.)
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from adams_dist.rules.elementwise import CHUNK_PER_THREAD
 GROUP = dict(betas=(0.9, 0.99), eps=1e-3, tau=0.3, a=1.27, b=2.0, bias_correction_in_atan2=True)
 LR, KEEP = 1e-2, 1.0 - 1e-3
 ELEMENTWISE = [r for r in map(rules.get, rules.names()) if isinstance(r, rules.ElementwiseRule)]
-OVERRIDES = [r for r in ELEMENTWISE if r.small is not None]
 
 
 def tensors(sizes: list[int], rule: rules.ElementwiseRule, seed: int = 0) -> tuple[list, list[tuple]]:
@@ -63,16 +62,4 @@ def test_batched_small_path_equals_the_function(rule: rules.ElementwiseRule) -> 
     want_p, want_rest = [p.clone() for p in params], [tuple(t.clone() for t in ts) for ts in rest]
     by_function(rule, want_p, want_rest, steps)
     rule.update_small(params, rest, steps, [Decay(keep=KEEP)] * len(sizes), GROUP, LR)
-    assert_same(params + [t for ts in rest for t in ts], want_p + [t for ts in want_rest for t in ts])
-
-
-@pytest.mark.parametrize("rule", OVERRIDES or [pytest.param(None, marks=pytest.mark.skip("no rule has one"))],
-                         ids=lambda r: getattr(r, "name", "none"))
-def test_small_path_override_equals_the_derived_path(rule: rules.ElementwiseRule) -> None:
-    sizes, steps = [1, 7, 300, 5000, 64, 9], [4.0, 4.0, 4.0, 2.0, 4.0, 2.0]
-    params, rest = tensors(sizes, rule)
-    want_p, want_rest = [p.clone() for p in params], [tuple(t.clone() for t in ts) for ts in rest]
-    rule.update_small(want_p, want_rest, steps, [Decay(keep=KEEP)] * len(sizes), GROUP, LR)
-    state = {name: [ts[k + 1] for ts in rest] for k, name in enumerate(rule.state_names)}
-    rule.apply(params, [ts[0] for ts in rest], state, steps, GROUP, LR, lambda t: t, [Decay(keep=KEEP)] * len(sizes))
     assert_same(params + [t for ts in rest for t in ts], want_p + [t for ts in want_rest for t in ts])
