@@ -28,8 +28,10 @@ from .base import Rule, Tensors, apply_decays
 from .compiled import COMPILED_MIN_NUMEL, compiled_kernel
 
 _STEP_ARGS = ("lr", "step")
-# Elements per eager chunk and CPU thread: about 2 MB of inputs and temporaries, inside a core's L2.
-CHUNK_PER_THREAD = 1 << 16
+# Elements per eager chunk and CPU thread: 512 KB per tensor, a few MB with the temporaries, so they
+# stay in cache. Measured on one core: 1 << 16 is 2-9% faster at 2e7 params but up to 10% slower at
+# 2e6 (where per-op overhead shows); 1 << 18 loses the gain at 2e7.
+CHUNK_PER_THREAD = 1 << 17
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -47,10 +49,8 @@ def add_in_chunks(p: torch.Tensor, tensors: Sequence[torch.Tensor], delta: Calla
                   keep: float = 1.0) -> None:
     """``p = keep*p + delta(*tensors)`` over flat tensors, one cache-sized chunk at a time."""
     size = _chunk_numel(p)
-    for lo in range(0, p.numel(), size):
-        change = delta(*(t[lo: lo + size] for t in tensors))
-        part = p[lo: lo + size]
-        torch.add(change, part, alpha=keep, out=part)  # change + keep*p in one pass
+    for part, *chunks in zip(*(t.split(size) for t in (p, *tensors))):
+        torch.add(delta(*chunks), part, alpha=keep, out=part)  # delta + keep*p in one pass
 
 
 class ElementwiseRule(Rule):

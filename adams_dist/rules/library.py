@@ -39,13 +39,14 @@ def atan2_rule(lr, step, betas, a=1.0, b=1.0, bias_correction_in_atan2=False):
 
 
 def adamw_rule(lr, step, betas, eps):
-    """p -= lr * m_hat / (sqrt(v_hat) + eps)."""
+    """p -= lr * m_hat / (sqrt(v_hat) + eps), computed as ``m * (-lr*sqrt(c2)/c1) / (sqrt(v) + eps*sqrt(c2))``."""
     beta1, beta2 = betas
-    inv_sqrt_c2, scale = 1.0 / math.sqrt(1.0 - beta2**step), -lr / (1.0 - beta1**step)
+    sqrt_c2 = math.sqrt(1.0 - beta2**step)
+    eps_hat, scale = eps * sqrt_c2, -lr * sqrt_c2 / (1.0 - beta1**step)
 
     def update(g, exp_avg, exp_avg_sq):
         adam_moments(g, exp_avg, exp_avg_sq, beta1, beta2)
-        return (exp_avg * scale).div_(exp_avg_sq.sqrt().mul_(inv_sqrt_c2).add_(eps))
+        return (exp_avg * scale).div_(exp_avg_sq.sqrt().add_(eps_hat))
 
     return update
 
