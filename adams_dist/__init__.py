@@ -4,7 +4,9 @@ One engine runs as a drop-in optimizer in one process (CPU, CUDA, MPS) and, unde
 shards master weights and moments across ranks, averaging gradients internally.
 """
 
+from . import rules
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .comm import CollectiveTimeout
 from .info import info
 from .optimizer import ShardedOptimizer
 from .optimizers import (
@@ -17,12 +19,14 @@ from .optimizers import (
     HomeAdam,
     HomeAdamEW,
     create_optimizer,
+    register_optimizer,
 )
 from .runtime import init_distributed
 from .spectral import set_heads
 from .version import __version__ as __version__
 
 __all__ = [
+    "CollectiveTimeout",
     "OPTIMIZERS",
     "AdamATan2",
     "AdamSRF",
@@ -37,6 +41,8 @@ __all__ = [
     "info",
     "init_distributed",
     "load_checkpoint",
+    "register_optimizer",
+    "rules",
     "save_checkpoint",
     "set_heads",
 ]

@@ -3,30 +3,49 @@
 Every rank contributes its partial of each field; after ``wait()`` every field holds the sum
 over the ranks. Fields travel in one flat fp32 vector, so a step pays one collective's latency
 for all of them, however many matrices get spectral decay.
+
+Ranks also check, in the same vector, that they agree on what happened since the previous step:
+each rank sets a one in one slot per checked value (``AGREEMENT``), so after the sum a value on
+which ranks differ has more than one slot set. A skipped ``step()`` on one rank cannot be seen
+from step counts (collectives pair by call order, so later steps still pair equal counts), but it
+shows in the backward passes and ``zero_grad()`` calls between steps.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from .validation import ENGINE_KEYS
+
+# What every rank must agree on, and how many slots its one-hot code takes (values wrap around).
+AGREEMENT = {"backward passes": 16, "zero_grad() calls": 16, "param groups": 64}
+
 
 class Control:
     """``grad_norm_sq``: squared global gradient norm (filled in only when clipping or skipping needs it);
     ``has_grad``: per slot, how many ranks had a gradient; ``wtu``: per spectral slot index, the
-    ``(heads, cols)`` partial ``W^T u`` of this rank's rows."""
+    ``(heads, cols)`` partial ``W^T u`` of this rank's rows; ``edited``: how many ranks edited a gradient
+    after its reduction read it; ``agreement``: the one-hot codes of ``AGREEMENT``."""
 
-    def __init__(self, has_grad: torch.Tensor, wtu: dict[int, torch.Tensor]):
+    def __init__(self, has_grad: torch.Tensor, wtu: dict[int, torch.Tensor], agree: dict[str, int]):
         self.grad_norm_sq = has_grad.new_zeros(1)
         self.has_grad = has_grad
         self.wtu = wtu
+        self.edited = has_grad.new_zeros(1)
+        self.agreement = has_grad.new_zeros(sum(AGREEMENT.values()))
+        offset = 0
+        for name, slots in AGREEMENT.items():
+            self.agreement[offset + agree[name] % slots] = 1.0
+            offset += slots
         self._vector: torch.Tensor | None = None
         self._work: Any = None
 
     def _fields(self) -> list[torch.Tensor]:
-        return [self.grad_norm_sq, self.has_grad, *self.wtu.values()]
+        return [self.grad_norm_sq, self.has_grad, self.edited, self.agreement, *self.wtu.values()]
 
     def start(self, all_reduce: Callable[[torch.Tensor], Any]) -> None:
         """Pack the fields and start ``all_reduce`` on them (it returns a handle with ``wait()``)."""
@@ -39,9 +58,43 @@ class Control:
         self._work.wait()
         fields = self._fields()
         parts = torch.split(self._vector, [f.numel() for f in fields])
-        self.grad_norm_sq, self.has_grad, *wtu = [p.view(f.shape) for p, f in zip(parts, fields)]
+        self.grad_norm_sq, self.has_grad, self.edited, self.agreement, *wtu = [
+            p.view(f.shape) for p, f in zip(parts, fields)]
         self.wtu = dict(zip(self.wtu, wtu))
 
     def active(self) -> list[bool]:
         """Per slot: did any rank have a gradient (a param without one anywhere is not stepped)."""
         return (self.has_grad > 0).tolist()
+
+    def disagreements(self) -> list[str]:
+        """The ``AGREEMENT`` names on which the ranks differ (after ``wait()``)."""
+        counts = self.agreement.split(list(AGREEMENT.values()))
+        return [name for name, c in zip(AGREEMENT, counts) if int((c > 0).sum()) > 1]
+
+    def check_agreement(self, step: int, gather_readable: Callable[[], list[dict[str, Any]]]) -> None:
+        """Raise on every rank when the ranks did different things since the previous step (after ``wait()``).
+        ``gather_readable()`` collects every rank's ``agreement_values(readable=True)`` to name them."""
+        differ = self.disagreements()
+        if not differ:
+            return
+        values = gather_readable()
+        first = next(r for r, v in enumerate(values) if any(v[name] != values[0][name] for name in differ))
+        described = "; ".join(f"rank {r}: " + ", ".join(f"{values[r][name]} {name}" for name in differ)
+                              for r in (0, first))
+        raise RuntimeError(
+            f"ranks disagree about what happened since the previous step (in step {step}): {described}. Every "
+            "rank must run the same number of backward passes and zero_grad() calls between steps and call step() "
+            "the same number of times (a rank that skips a step desynchronises every later collective), with the "
+            "same param groups and hyperparameters."
+        )
+
+
+def agreement_values(backward_passes: int, zero_grads: int, groups: list[dict[str, Any]],
+                     readable: bool = False) -> dict[str, Any]:
+    """Per ``AGREEMENT`` name, this rank's value (``readable``: the param groups in full, not a CRC).
+    Tensor hyperparameters are left out: reading them would wait for the device."""
+    described = repr([[len(g["params"])] + [f"{k}={v!r}" for k, v in sorted(g.items())
+                                            if k not in ENGINE_KEYS and not isinstance(v, torch.Tensor)]
+                      for g in groups])
+    return {"backward passes": backward_passes, "zero_grad() calls": zero_grads,
+            "param groups": described if readable else zlib.crc32(described.encode())}

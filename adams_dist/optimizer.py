@@ -17,14 +17,13 @@ import torch
 import torch.distributed as dist
 from torch.optim.optimizer import Optimizer
 
-from . import ablations, decay, fsdp, spectral, state_io, validation
-from .comm import Comm
-from .control import Control
+from . import ablations, decay, fsdp, state_io, validation
+from .comm import DEFAULT_TIMEOUT, Comm
+from .control import Control, agreement_values
 from .layout import Slot
 from .rules import Rule
-from .shards import DTensorRows, Grads, LocalRows, Shards, ZeroBuckets
-
-_ENGINE_KEYS = ("params", "param_names", "initial_lr")
+from .shards import DTensorRows, Grads, LocalRows, Shards
+from .zero import ZeroBuckets
 
 
 class ShardedOptimizer(Optimizer):
@@ -47,13 +46,16 @@ class ShardedOptimizer(Optimizer):
         max_grad_norm: float | None = None,
         skip_nonfinite: bool = False,
         kernel: str = "auto",
+        collective_timeout: float = DEFAULT_TIMEOUT,
         **unknown: Any,
     ):
         if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s) {sorted(unknown)}; engine "
                             "options are master_dtype, process_group, bucket_mb, overlap, grad_comm_dtype, "
-                            "max_grad_norm, skip_nonfinite, kernel")
-        kernel = validation.check_engine_options(master_dtype, bucket_mb, grad_comm_dtype, max_grad_norm, kernel)
+                            "max_grad_norm, skip_nonfinite, kernel, collective_timeout")
+        kernel = validation.check_engine_options(master_dtype, bucket_mb, grad_comm_dtype, max_grad_norm, kernel,
+                                                 collective_timeout)
+        self.collective_timeout = float(collective_timeout)
         self.kernel = kernel
         self.master_dtype = master_dtype
         self.bucket_mb = float(bucket_mb)
@@ -65,6 +67,8 @@ class ShardedOptimizer(Optimizer):
         self.skipped_steps = 0
         self._process_group = process_group
         self._device: torch.device | None = None
+        self._steps_taken = 0  # step() calls, for error messages
+        self._consolidated: tuple[int, dict[str, Any]] | None = None  # (steps taken, state dict) on the target
         # second_moment/rotate ablations (adams_dist/ablations.py, AdamATan2/AdamW, one process only):
         self._ablated: dict[int, ablations.Layout] = {}  # slot index -> layout, for params off the usual path
         self._ablation_cfg: dict[int, ablations.Config] = {}  # group index -> options the state was built for
@@ -92,32 +96,16 @@ class ShardedOptimizer(Optimizer):
         if hasattr(self, "_shards"):  # a group added after construction
             self._build([len(self.param_groups) - 1])
 
-    def _fingerprint(self, group_indices: Iterable[int]) -> list[str]:
-        lines = [f"{type(self).__name__} rule={self.rule.name} master={self.master_dtype} "
-                 f"overlap={self.overlap} comm={self.grad_comm_dtype} bucket_mb={self.bucket_mb} "
-                 f"max_grad_norm={self.max_grad_norm} skip_nonfinite={self.skip_nonfinite}"]
-        for gi in group_indices:
-            group = self.param_groups[gi]
-            hyper = {k: (float(v) if isinstance(v, torch.Tensor) else v)
-                     for k, v in group.items() if k not in _ENGINE_KEYS}
-            lines.append(f"group {gi}: {sorted(hyper.items())}")
-            names = group.get("param_names") or [None] * len(group["params"])
-            for j, (p, name) in enumerate(zip(group["params"], names)):
-                label = name or f"#{j}"
-                lines.append(f"group {gi} param {label}: shape {tuple(p.shape)}, dtype {p.dtype}, "
-                             f"spectral {spectral.SpectralShape.of(p) if self.uses_spectral_decay else None}")
-        return lines
-
     def _make_shards(self, params: list[torch.Tensor]) -> Shards:
         """The sharding mode: DTensor rows for FSDP2 parameters, ZeRO buckets over a group of more than
         one rank, local rows otherwise."""
         names = ("master_param", *self.rule.state_names)
         mesh_group = fsdp.mesh_group(params)
         if mesh_group is not None:
-            comm = Comm(mesh_group)
+            comm = Comm(mesh_group, self.collective_timeout)
             return DTensorRows(comm if comm.world_size > 1 else None, self.master_dtype, names)
         if self._process_group is not None or (dist.is_available() and dist.is_initialized()):
-            comm = Comm(self._process_group)
+            comm = Comm(self._process_group, self.collective_timeout)
             if comm.world_size > 1:
                 return ZeroBuckets(comm, self.master_dtype, names, self.bucket_mb, self.grad_comm_dtype,
                                    self.overlap)
@@ -137,7 +125,7 @@ class ShardedOptimizer(Optimizer):
         self._ablation_cfg.update({gi: ablations.config(self.param_groups[gi]) for gi in group_indices
                                    if "second_moment" in self.param_groups[gi]})
         pairs = [(gi, p) for gi in group_indices for p in self.param_groups[gi]["params"]]
-        for slot in shards.add(pairs, self.uses_spectral_decay, self._fingerprint(group_indices)):
+        for slot in shards.add(pairs, self.uses_spectral_decay, validation.fingerprint(self, group_indices)):
             state: dict[str, Any] = {"step": torch.tensor(0.0), **shards.state_of(slot)}
             if slot.spectral is not None:
                 state["sigma_sq"] = torch.zeros(slot.spectral.heads, dtype=torch.float32, device=slot.param.device)
@@ -191,7 +179,9 @@ class ShardedOptimizer(Optimizer):
             self._shards.accumulating = previous
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self._shards.discard()
+        # Reductions already launched stay in flight: step() sees the edit on any rank and every rank
+        # reduces again, so no rank issues a collective the others do not.
+        self._shards.zero_grads += 1
         super().zero_grad(set_to_none=set_to_none)
 
     def _grad_norm_sq(self, grads: Grads) -> torch.Tensor:
@@ -210,9 +200,10 @@ class ShardedOptimizer(Optimizer):
         if not max_norm > 0:
             raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
         self._check_grads()
+        self._shards.set_context(f"clip_grad_norm_() before step {self._steps_taken + 1}")
         grads = self._shards.wait_reduce()
         norm_sq = self._grad_norm_sq(grads)
-        self._shards.all_reduce(norm_sq).wait()
+        self._shards.all_reduce(norm_sq, "the gradient-norm all-reduce", side=True).wait()
         norm = norm_sq[0].sqrt()
         self._shards.scale_grads(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
         self.last_grad_norm = norm
@@ -227,23 +218,15 @@ class ShardedOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         shards = self._shards
+        self._steps_taken += 1
+        shards.set_context(f"step {self._steps_taken}")
         self._check_grads()
         shards.adopt_edits(self.state)
+
+        # Gradients in, and the control all-reduce (norm, has-grad flags, W^T u partials, agreement).
         control = self._control_partials()
-        need_norm = self.max_grad_norm is not None or self.skip_nonfinite
-
-        # Gradients in. Without the norm the control all-reduce needs no reduced gradient: it goes
-        # right after the last reduce-scatter is issued, and its latency hides behind theirs.
-        shards.start_reduce()
-        if not need_norm:
-            control.start(shards.all_reduce)
-        grads = shards.wait_reduce()
-        if need_norm:
-            control.grad_norm_sq = self._grad_norm_sq(grads)
-            control.start(shards.all_reduce)
-        control.wait()
-
-        if need_norm:
+        grads = self._gradients_in(control)
+        if self.max_grad_norm is not None or self.skip_nonfinite:
             norm = control.grad_norm_sq[0].sqrt()
             self.last_grad_norm = norm
             if self.skip_nonfinite and not bool(torch.isfinite(norm)):
@@ -267,12 +250,41 @@ class ShardedOptimizer(Optimizer):
         return loss
 
     def _control_partials(self) -> Control:
-        """This rank's has-grad flags and ``W^T u`` partials (spectral decay off when weight_decay == 0)."""
+        """This rank's has-grad flags, ``W^T u`` partials (spectral decay off when weight_decay == 0) and
+        the counts every rank must agree on."""
         flags = torch.tensor([s.param.grad is not None for s in self._slots], dtype=torch.float32,
                              device=self.device)
         wtu = {s.index: decay.wtu_partial(s, self.state[s.param]) for s in self._slots
                if s.spectral is not None and float(self.param_groups[s.group_index]["weight_decay"]) != 0}
-        return Control(flags, wtu)
+        return Control(flags, wtu, self._agreement_values())
+
+    def _agreement_values(self, readable: bool = False) -> dict[str, Any]:
+        return agreement_values(self._shards.backward_passes, self._shards.zero_grads, self.param_groups, readable)
+
+    def _gradients_in(self, control: Control) -> Grads:
+        """This rank's averaged gradient rows, with ``control`` reduced over the ranks and checked.
+
+        Without the gradient norm the control all-reduce needs no reduced gradient: it goes right after
+        the last reduce-scatter is issued, and its latency hides behind theirs.
+        """
+        shards, need_norm = self._shards, self.max_grad_norm is not None or self.skip_nonfinite
+        shards.start_reduce()
+        control.edited.fill_(float(shards.edited()))
+        if not need_norm:
+            control.start(lambda t: shards.all_reduce(t, "the step's control all-reduce"))
+        grads = shards.wait_reduce()
+        if need_norm:
+            control.grad_norm_sq = self._grad_norm_sq(grads)
+            control.start(lambda t: shards.all_reduce(t, "the step's control all-reduce"))
+        control.wait()
+        control.check_agreement(self._steps_taken, lambda: self._shards.gather_json(
+            self._agreement_values(readable=True), "the comparison of the ranks"))
+        if float(control.edited) > 0:  # some rank edited a gradient after its reduction read it
+            grads = shards.reduce_again()
+            if need_norm:
+                control.grad_norm_sq = self._grad_norm_sq(grads)
+                shards.all_reduce(control.grad_norm_sq, "the gradient-norm all-reduce").wait()
+        return grads
 
     def _update_group(self, group: dict[str, Any], slots: list[Slot], grads: Grads,
                       wtu: dict[int, torch.Tensor]) -> None:
@@ -327,7 +339,7 @@ class ShardedOptimizer(Optimizer):
         if not slots:
             return {}
         sq = torch.cat([self.state[s.param]["sigma_sq"] for s in slots])
-        self._shards.all_reduce(sq).wait()
+        self._shards.all_reduce(sq, "the all-reduce of spectral norms", side=True).wait()
         heads = [s.spectral.heads for s in slots if s.spectral is not None]
         return {s.param: part.sqrt() for s, part in zip(slots, sq.split(heads))}
 
@@ -346,14 +358,29 @@ class ShardedOptimizer(Optimizer):
     # ------------------------------------------------------------------ state dicts
 
     def state_dict(self) -> dict[str, Any]:
-        """Full, unsharded state (identical on every rank; collective when distributed).
+        """Full, unsharded state; loads at any world size. For large models prefer the sharded checkpoint API.
 
-        Loads at any world size. For large models prefer the sharded checkpoint API.
+        Collective when distributed: every rank calls it and gets the same dict. To save from one rank,
+        call ``consolidate_state_dict(to=0)`` on every rank, then ``state_dict()`` on rank 0 alone.
         """
+        if self._consolidated is not None and self._consolidated[0] == self._steps_taken:
+            return self._consolidated[1]
+        self._shards.set_context("state_dict(), a collective: call it on every rank, or call "
+                                 "consolidate_state_dict(to=0) on every rank and then state_dict() on rank 0 alone")
         return state_io.state_dict(self)
+
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """Collective: gather the full state onto rank ``to``, whose ``state_dict()`` then returns it without
+        communicating until the next step (torch's ZeroRedundancyOptimizer protocol)."""
+        if not (isinstance(to, int) and 0 <= to < self.world_size):
+            raise ValueError(f"to must be a rank in [0, {self.world_size}), got {to!r}")
+        self._shards.set_context(f"consolidate_state_dict(to={to})")
+        full = state_io.state_dict(self)
+        self._consolidated = (self._steps_taken, full) if self.rank == to else None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from ``state_dict()`` of a run at any world size. Validates before changing anything."""
+        self._consolidated = None
         state_io.load_state_dict(self, state_dict)
 
     def validate_state_dict(self, state_dict: Any) -> None:

@@ -1,8 +1,8 @@
 """Where this rank's rows of every parameter live: one class per sharding mode.
 
 - ``LocalRows``: one process; every row is local and the gradient is ``p.grad`` itself.
-- ``ZeroBuckets``: ZeRO over a process group; rows packed into flat buckets, gradients averaged
-  with one reduce-scatter per bucket, updated rows all-gathered back into the parameters.
+- ``ZeroBuckets`` (zero.py): ZeRO over a process group; rows packed into flat buckets, gradients
+  averaged with one reduce-scatter per bucket, updated rows all-gathered back into the parameters.
 - ``DTensorRows``: FSDP2 (or hand-built Shard(0) DTensor) parameters; each rank already holds its
   rows and FSDP2 has already averaged their gradients.
 
@@ -20,18 +20,10 @@ import torch
 import torch.distributed as dist
 
 from . import fsdp
-from .comm import Comm
-from .layout import Bucket, Slot, gather_rows, make_slot, pack_buckets, scatter_rows
+from .comm import DONE, Comm, Handle
+from .layout import Slot, make_slot
 
-MAX_IN_FLIGHT = 2  # buckets whose staging buffers may exist at once outside overlap mode
 Grads = list[torch.Tensor | None]
-
-
-class _Done:
-    """The handle of a collective that had nothing to wait for (one process)."""
-
-    def wait(self) -> None:
-        pass
 
 
 class Shards:
@@ -51,7 +43,10 @@ class Shards:
         self.slots: list[Slot] = []
         self._grads: Grads | None = None  # this step's gradient rows per slot, kept until discard()
         self._versions: dict[int, int] = {}  # param version after our last write: a change means a user edit
+        self._marks: dict[int, tuple[int, int]] = {}  # slot -> (id, version) of p.grad when it was read
         self.accumulating = False  # inside no_sync(): backward hooks launch no reduction
+        self.backward_passes = 0  # since the last step, counted where hooks can see them (ZeRO)
+        self.zero_grads = 0  # zero_grad() calls since the last step
 
     @property
     def sharded(self) -> str | None:
@@ -85,15 +80,25 @@ class Shards:
 
     # ------------------------------------------------------------------ collectives
 
-    def all_reduce(self, t: torch.Tensor, op: Any = dist.ReduceOp.SUM) -> Any:
-        """Start an all-reduce of ``t`` in place over the ranks that share rows; returns a handle to wait on."""
-        return self.comm.all_reduce(t, op=op, async_op=True) if self.comm else _Done()
+    def all_reduce(self, t: torch.Tensor, what: str, op: Any = dist.ReduceOp.SUM, side: bool = False) -> Handle:
+        """Start an all-reduce of ``t`` in place over the ranks that share rows; returns a handle to wait on.
+        ``side``: on the second group, for calls some rank might make alone by mistake."""
+        return self.comm.all_reduce(t, what, op=op, side=side) if self.comm else DONE
 
     def reduce_min(self, t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
         """Element-wise min of ``t`` over the ranks, as float64 on the CPU."""
         t = t.to(device=device, dtype=torch.float64)
-        self.all_reduce(t, dist.ReduceOp.MIN).wait()
+        self.all_reduce(t, "the MIN all-reduce of HomeAdam's v_hat", dist.ReduceOp.MIN).wait()
         return t.cpu()
+
+    def gather_json(self, obj: Any, what: str) -> list[Any]:
+        """Every rank's ``obj`` in rank order (just ``[obj]`` in one process)."""
+        return self.comm.gather_json(obj, what) if self.comm else [obj]
+
+    def set_context(self, context: str) -> None:
+        """What the optimizer is doing, named by a collective that times out."""
+        if self.comm is not None:
+            self.comm.context = context
 
     def broadcast(self, tensors: list[torch.Tensor]) -> None:
         if self.comm is not None:
@@ -107,9 +112,33 @@ class Shards:
     def wait_reduce(self) -> Grads:
         """This rank's averaged gradient rows per slot (None: no gradient here), kept until ``discard``."""
         if self._grads is None:
+            self._mark(self.slots)
             self._grads = [None if s.param.grad is None else
                            fsdp.local_tensor(s.param.grad).reshape(-1).to(self.master_dtype) for s in self.slots]
         return self._grads
+
+    def _mark(self, slots: list[Slot]) -> None:
+        """Remember which gradient each slot's reduction read, to see edits made after it."""
+        for s in slots:
+            g = s.param.grad
+            self._marks[s.index] = (0, 0) if g is None else (id(g), g._version)
+
+    def edited(self) -> bool:
+        """Whether some ``p.grad`` changed after its reduction read it (``p.grad = None``, ``zero_grad()``,
+        an in-place clip): the reduction is stale and must run again."""
+        for s in self.slots:
+            mark = self._marks.get(s.index)
+            if mark is not None:
+                g = s.param.grad
+                if mark != ((0, 0) if g is None else (id(g), g._version)):
+                    return True
+        return False
+
+    def reduce_again(self) -> Grads:
+        """Reduce from the current gradients (every rank calls it when any rank's were edited)."""
+        self.discard(new_step=False)
+        self.start_reduce()
+        return self.wait_reduce()
 
     def scale_grads(self, grads: Grads, coef: torch.Tensor) -> None:
         """Clip the rows the update will use, and ``p.grad`` too where they are copies (as torch does)."""
@@ -120,10 +149,14 @@ class Shards:
             pg = slot.param.grad
             if g is not None and pg is not None and fsdp.local_tensor(pg).data_ptr() != g.data_ptr():
                 pg.mul_(coef.to(pg.dtype))
+        self._mark(self.slots)  # our own edit: the rows already hold it
 
-    def discard(self) -> None:
-        """Forget this step's gradient rows (after the step, or when the user zeroes the gradients)."""
+    def discard(self, new_step: bool = True) -> None:
+        """Forget this step's gradient rows; ``new_step``: the step is over, so are its counts."""
         self._grads = None
+        self._marks.clear()
+        if new_step:
+            self.backward_passes = self.zero_grads = 0
 
     # ------------------------------------------------------------------ parameters out
 
@@ -232,192 +265,3 @@ class DTensorRows(Shards):
         local = super().gather_state(state)
         return {s.index: {name: fsdp.like_param(s.param, t, per_row=name == "u") for name, t in local[s.index].items()}
                 for s in self.slots}
-
-
-class ZeroBuckets(Shards):
-    """ZeRO: rows packed into flat buckets ``[rank-0 rows | rank-1 rows | ...]``, one reduce-scatter
-    and one all-gather per bucket. Per-parameter state entries are views into per-bucket buffers."""
-
-    def __init__(self, comm: Comm, master_dtype: torch.dtype, names: tuple[str, ...], bucket_mb: float,
-                 grad_comm_dtype: torch.dtype, overlap: bool):
-        super().__init__(comm, master_dtype, names)
-        self.comm: Comm = comm
-        self.bucket_bytes = int(bucket_mb * 2**20)
-        self.grad_comm_dtype = grad_comm_dtype
-        self.overlap = overlap
-        self.buckets: list[Bucket] = []
-        self._bucket_of: dict[int, int] = {}  # slot index -> bucket index
-        self._reduced: dict[int, torch.Tensor] = {}  # bucket -> averaged gradient shard, while reducing
-        self._flat: list[dict[str, torch.Tensor]] = []  # per bucket: name -> this rank's section
-        self._pending: dict[int, tuple[Any, torch.Tensor, torch.Tensor]] = {}  # bucket -> (work, shard, staging)
-        self._ready: set[int] = set()  # slots whose gradient is final for this step (overlap mode)
-        self._hooks: list[Any] = []
-
-    @property
-    def sharded(self) -> str | None:
-        return f"a process group of {self.world_size} ranks (ZeRO mode)"
-
-    def add(self, params: list[tuple[int, torch.Tensor]], spectral: bool, fingerprint: list[str]) -> list[Slot]:
-        new = super().add(params, spectral, fingerprint)
-        self.broadcast([s.param for s in new])  # everyone starts from rank 0's weights
-        comm_bytes = torch.empty((), dtype=self.grad_comm_dtype).element_size()
-        for bucket in pack_buckets(list(reversed(new)), self.bucket_bytes, self.world_size, comm_bytes):
-            n = bucket.section_numel
-            flat = {name: torch.zeros(n, dtype=self.master_dtype, device=bucket.device) for name in self.names}
-            flat["u"] = torch.ones(bucket.u_numel, dtype=self.master_dtype, device=bucket.device)
-            for slot in bucket.slots:
-                lo, hi = slot.local_range
-                flat["master_param"][slot.offset: slot.offset + slot.local_numel].copy_(
-                    slot.param.detach().reshape(-1)[lo:hi])
-            self._bucket_of.update({s.index: len(self.buckets) for s in bucket.slots})
-            self.buckets.append(bucket)
-            self._flat.append(flat)
-        if self.overlap:
-            self._register_hooks(new)
-        return new
-
-    def state_of(self, slot: Slot) -> dict[str, torch.Tensor]:
-        flat = self._flat[self._bucket_of[slot.index]]
-        state = {name: flat[name][slot.offset: slot.offset + slot.local_numel] for name in self.names}
-        if slot.spectral is not None:
-            state["u"] = flat["u"][slot.u_offset: slot.u_offset + slot.local_rows]
-        return state
-
-    # ------------------------------------------------------------------ gradients in
-
-    @property
-    def in_flight(self) -> int:
-        """Bucket reductions issued and not yet waited for."""
-        return len(self._pending)
-
-    def _launch(self, bi: int) -> None:
-        bucket, w = self.buckets[bi], self.world_size
-        staging = torch.zeros(bucket.section_numel * w, dtype=self.grad_comm_dtype, device=bucket.device)
-        for slot in bucket.slots:
-            if slot.param.grad is not None:
-                scatter_rows(slot.param.grad.reshape(-1), staging, slot, w)
-        shard = torch.empty(bucket.section_numel, dtype=self.grad_comm_dtype, device=bucket.device)
-        self._pending[bi] = (self.comm.reduce_scatter(shard, staging), shard, staging)
-
-    def _finish(self, bi: int, reduced: dict[int, torch.Tensor]) -> None:
-        work, shard, _staging = self._pending.pop(bi)
-        work.wait()
-        reduced[bi] = shard.to(self.master_dtype).div_(self.world_size)
-
-    def start_reduce(self) -> None:
-        """Launch, in bucket order, every bucket the hooks have not; at most MAX_IN_FLIGHT staging
-        buffers at once, so a step's extra memory is a couple of buckets, not a copy of the gradients."""
-        if self._grads is not None:
-            return
-        for bi in range(len(self.buckets)):
-            if bi not in self._pending and bi not in self._reduced:
-                while len(self._pending) >= MAX_IN_FLIGHT:
-                    self._finish(min(self._pending), self._reduced)
-                self._launch(bi)
-
-    def wait_reduce(self) -> Grads:
-        if self._grads is None:
-            self.start_reduce()
-            while self._pending:
-                self._finish(min(self._pending), self._reduced)
-            grads: Grads = [None] * len(self.slots)
-            for bi, bucket in enumerate(self.buckets):
-                for slot in bucket.slots:
-                    grads[slot.index] = self._reduced[bi][slot.offset: slot.offset + slot.local_numel]
-            self._ready.clear()
-            self._grads, self._reduced = grads, {}
-        return self._grads
-
-    def scale_grads(self, grads: Grads, coef: torch.Tensor) -> None:
-        """The averaged shards are buffers of our own; ``p.grad`` keeps the local, unaveraged gradient."""
-        present = [g for g in grads if g is not None]
-        if present:
-            torch._foreach_mul_(present, coef)
-
-    def discard(self) -> None:
-        for work, _, _ in self._pending.values():
-            work.wait()
-        self._pending.clear()
-        self._reduced.clear()
-        self._ready.clear()
-        super().discard()
-
-    def _register_hooks(self, slots: list[Slot]) -> None:
-        for slot in slots:
-            if slot.param.requires_grad:  # a frozen param never gets a gradient: it holds no bucket back
-                hook = self._make_hook(slot.index, self._bucket_of[slot.index])
-                self._hooks.append(slot.param.register_post_accumulate_grad_hook(hook))
-
-    def _make_hook(self, index: int, bi: int):
-        def hook(_param: torch.Tensor) -> None:
-            if self.accumulating:
-                return
-            if bi in self._pending or self._grads is not None:
-                raise RuntimeError(
-                    "a gradient arrived after its bucket was already reduced for this step; wrap every "
-                    "micro-batch but the last in `with optimizer.no_sync():` when accumulating with overlap=True"
-                )
-            self._ready.add(index)
-            # Launch in bucket order only, so every rank issues the same sequence of collectives.
-            for bj in range(len(self.buckets)):
-                if bj in self._pending:
-                    continue
-                if all(s.index in self._ready or not s.param.requires_grad for s in self.buckets[bj].slots):
-                    self._launch(bj)
-                else:
-                    break
-        return hook
-
-    # ------------------------------------------------------------------ parameters out
-
-    def write_back(self, state: dict[Any, dict[str, Any]]) -> None:
-        """All-gather every bucket's updated rows (at most MAX_IN_FLIGHT at once) into the parameters."""
-        in_flight: list[tuple[Any, torch.Tensor, torch.Tensor, Bucket]] = []
-        for bucket, flat in zip(self.buckets, self._flat):
-            send = flat["master_param"].to(bucket.dtype)
-            out = torch.empty(bucket.section_numel * self.world_size, dtype=bucket.dtype, device=bucket.device)
-            in_flight.append((self.comm.all_gather(out, send), out, send, bucket))
-            if len(in_flight) >= MAX_IN_FLIGHT:
-                self._unpack(*in_flight.pop(0))
-        for gather in in_flight:
-            self._unpack(*gather)
-        self.record_versions()
-
-    def _unpack(self, work: Any, out: torch.Tensor, _send: torch.Tensor, bucket: Bucket) -> None:
-        """Wait for a bucket's all-gather and copy every parameter's rows out of it."""
-        work.wait()
-        for slot in bucket.slots:
-            p = slot.param.detach()
-            if p.is_contiguous():
-                gather_rows(out, slot, self.world_size, p.view(-1))
-            else:
-                tmp = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
-                gather_rows(out, slot, self.world_size, tmp)
-                p.copy_(tmp.view(p.shape))
-
-    # ------------------------------------------------------------------ state dicts
-
-    def gather_state(self, state: dict[Any, dict[str, Any]]) -> dict[int, dict[str, torch.Tensor]]:
-        w = self.world_size
-        full: dict[int, dict[str, torch.Tensor]] = {s.index: {} for s in self.slots}
-        for bucket, flat in zip(self.buckets, self._flat):
-            for name, buf in flat.items():
-                out = torch.empty(buf.numel() * w, dtype=buf.dtype, device=buf.device)
-                self.comm.all_gather(out, buf).wait()
-                for slot in bucket.slots:
-                    if name != "u":
-                        full[slot.index][name] = torch.empty(slot.param.numel(), dtype=buf.dtype, device=buf.device)
-                        gather_rows(out, slot, w, full[slot.index][name])
-                    elif slot.spectral is not None:
-                        rows = out.view(w, -1)[:, slot.u_offset: slot.u_offset + slot.rows_per_rank]
-                        full[slot.index]["u"] = rows.reshape(-1)[: slot.rows].clone()
-        return full
-
-    # ------------------------------------------------------------------ copying
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Shards:
-        new = super().__deepcopy__(memo)
-        assert isinstance(new, ZeroBuckets)
-        if new.overlap:
-            new._register_hooks(new.slots)
-        return new

@@ -12,11 +12,17 @@ import torch
 
 from . import ablations
 from .rules import KERNELS, Rule
+from .spectral import SpectralShape
+
+ENGINE_KEYS = ("params", "param_names", "initial_lr")  # param-group entries that are not hyperparameters
 
 
 def check_engine_options(master_dtype: Any, bucket_mb: Any, grad_comm_dtype: Any, max_grad_norm: Any,
-                         kernel: str) -> str:
+                         kernel: str, collective_timeout: Any) -> str:
     """Validate the engine's options; returns the kernel choice (``ADAMS_DIST_KERNEL`` overrides "auto")."""
+    if not (isinstance(collective_timeout, (int, float)) and not isinstance(collective_timeout, bool)
+            and 0 < collective_timeout < float("inf")):
+        raise ValueError(f"collective_timeout must be a finite number of seconds > 0, got {collective_timeout!r}")
     if not (isinstance(master_dtype, torch.dtype) and master_dtype.is_floating_point):
         raise TypeError(f"master_dtype must be a floating torch.dtype, got {master_dtype!r}")
     if not (isinstance(bucket_mb, (int, float)) and bucket_mb > 0):
@@ -79,3 +85,21 @@ def check_group(group: dict[str, Any], rule: Rule, ablations_supported: bool) ->
         if key in group and not (isinstance(group[key], (int, float)) and group[key] >= 0.0):
             raise ValueError(f"Invalid {key} value: {group[key]!r} (must be >= 0)")
     rule.validate(group)
+
+
+def fingerprint(opt: Any, group_indices: list[int]) -> list[str]:
+    """What every rank must have built alike: engine options, then per group its hyperparameters and per
+    parameter its name (or position), shape, dtype and spectral view. Ranks compare it at construction."""
+    lines = [f"{type(opt).__name__} rule={opt.rule.name} master={opt.master_dtype} "
+             f"overlap={opt.overlap} comm={opt.grad_comm_dtype} bucket_mb={opt.bucket_mb} "
+             f"max_grad_norm={opt.max_grad_norm} skip_nonfinite={opt.skip_nonfinite}"]
+    for gi in group_indices:
+        group = opt.param_groups[gi]
+        hyper = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in group.items() if k not in ENGINE_KEYS}
+        lines.append(f"group {gi}: {sorted(hyper.items())}")
+        names = group.get("param_names") or [None] * len(group["params"])
+        for j, (p, name) in enumerate(zip(group["params"], names)):
+            shape = SpectralShape.of(p) if opt.uses_spectral_decay else None
+            lines.append(f"group {gi} param {name or f'#{j}'}: shape {tuple(p.shape)}, dtype {p.dtype}, "
+                         f"spectral {shape}")
+    return lines
