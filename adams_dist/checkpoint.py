@@ -188,17 +188,21 @@ def _validate(payload: Any, path: str, model: torch.nn.Module, optimizer: torch.
     problems = _describe_differences(
         "parameters", {n: s for n, s, _ in meta["params"]}, {n: list(p.shape) for n, p in model.named_parameters()}
     )
+    saved_sd, current = payload["model"], model.state_dict()
     if not problems:
-        saved_sd = payload["model"]
         if not isinstance(saved_sd, dict):
             raise CheckpointError(f"{path!r}: the model section is not a state dict")
         problems = _describe_differences(
             "state-dict entries",
             {k: list(v.shape) if isinstance(v, torch.Tensor) else [] for k, v in saved_sd.items()},
-            {k: list(v.shape) if isinstance(v, torch.Tensor) else [] for k, v in model.state_dict().items()},
+            {k: list(v.shape) if isinstance(v, torch.Tensor) else [] for k, v in current.items()},
         )
     if problems:
         raise CheckpointError(f"checkpoint {path!r} was made for a different model: " + "; ".join(problems[:5]))
+    # model.load_state_dict copies the other entries before it reports one that is not a tensor
+    wrong = [k for k, v in saved_sd.items() if isinstance(current[k], torch.Tensor) and not isinstance(v, torch.Tensor)]
+    if wrong:
+        raise CheckpointError(f"checkpoint {path!r}: the model entries {_short(wrong)} are not tensors (malformed)")
 
     # The optimizer: class, which model parameter each optimizer slot holds, then its state dict.
     saved_class, mine = meta.get("optimizer_class"), type(optimizer).__name__

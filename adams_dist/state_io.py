@@ -1,8 +1,10 @@
 """The optimizer's state dict: full and world-size independent, checked before anything changes.
 
 ``state_dict`` gathers every parameter's state in the parameter's own shape (DTensors laid out like
-the parameters under FSDP2), so it loads at any world size. ``load_state_dict`` validates the whole
-dict first, then takes this rank's rows of each entry.
+the parameters under FSDP2), so it loads at any world size, and records the optimizer class and rule
+(top-level keys that torch's own optimizers ignore). ``load_state_dict`` validates the whole dict
+first (origin, structure, every hyperparameter as at construction, every state entry's type and
+shape), then takes this rank's rows of each entry.
 """
 
 from __future__ import annotations
@@ -12,10 +14,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import ablations, fsdp
+from . import ablations, fsdp, rules, validation
+from .rules.base import finite_real
 
 if TYPE_CHECKING:
     from .optimizer import ShardedOptimizer
+
+CLASS_KEY, RULE_KEY = "optimizer_class", "rule"  # where state_dict() records its origin
+# Param-group keys that are hyperparameters of some optimizer here (not e.g. a scheduler's "max_lr"):
+# state dicts without CLASS_KEY are matched by these.
+_HYPERPARAMS = {"lr", "weight_decay", "scalar_vector_weight_decay", *ablations.KEYS}
 
 
 def _saved_ids(sd: dict[str, Any]) -> list[Any]:
@@ -47,7 +55,59 @@ def state_dict(opt: ShardedOptimizer) -> dict[str, Any]:
         g = {k: v for k, v in group.items() if k != "params"}
         g["params"] = [index[id(p)] for p in group["params"]]
         groups.append(copy.deepcopy(g))
-    return {"state": state, "param_groups": groups}
+    return {"state": state, "param_groups": groups, CLASS_KEY: type(opt).__name__, RULE_KEY: opt.rule.name}
+
+
+def _origin(opt: ShardedOptimizer) -> str:
+    return f"{type(opt).__name__} (rule {opt.rule.name!r})"
+
+
+def _check_origin(opt: ShardedOptimizer, sd: dict[str, Any]) -> bool:
+    """Refuse another optimizer's state dict. Returns True for an older one without CLASS_KEY, whose
+    hyperparameter names are compared instead here (and its state names per entry)."""
+    if CLASS_KEY in sd or RULE_KEY in sd:
+        if (sd.get(CLASS_KEY), sd.get(RULE_KEY)) != (type(opt).__name__, opt.rule.name):
+            raise ValueError(f"the state dict was saved by {sd.get(CLASS_KEY)} (rule {sd.get(RULE_KEY)!r}); "
+                             f"this optimizer is {_origin(opt)}")
+        return False
+    known = _HYPERPARAMS.union(*(rules.get(name).hyperparams for name in rules.names()))
+    for gi, (mine, saved) in enumerate(zip(opt.param_groups, sd["param_groups"])):
+        have, want = known.intersection(saved), known.intersection(mine)
+        want -= set(ablations.KEYS) - have  # state dicts from before the ablations: loading keeps our values
+        if have != want:
+            raise ValueError(f"param group {gi} of the state dict has the hyperparameters {sorted(have)}; this "
+                             f"{_origin(opt)} has {sorted(want)}: the state dict was saved by another optimizer")
+    return True
+
+
+def _check_group_values(opt: ShardedOptimizer, mine: dict[str, Any], saved: dict[str, Any], gi: int) -> None:
+    """The group as loading would leave it, through the construction checks (on a copy)."""
+    merged = {k: v for k, v in mine.items() if k != "params"}
+    merged.update((k, v) for k, v in saved.items() if k not in ("params", "param_names"))
+    try:
+        validation.check_group(merged, opt.rule, "second_moment" in opt.defaults)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"param group {gi} of the state dict: {e}") from e
+
+
+def _check_entry_types(entry: Any, where: str) -> None:
+    if not isinstance(entry, dict):
+        raise ValueError(f"state dict entry for {where} is a {type(entry).__name__}, not a dict")
+    step = finite_real(entry.get("step"), tensor_ok=True)
+    if "step" in entry and (step is None or step < 0):
+        raise ValueError(f"state dict 'step' for {where} is {entry['step']!r}, not a finite number >= 0")
+    for name, t in entry.items():
+        if name != "step" and not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+            kind = f"a {t.dtype} tensor" if isinstance(t, torch.Tensor) else f"a {type(t).__name__}"
+            raise ValueError(f"state dict '{name}' for {where} is {kind}, not a floating-point tensor")
+
+
+def _check_state_names(opt: ShardedOptimizer, entry: dict[str, Any], kept: set[str], where: str) -> None:
+    """An older state dict's entry holds only what ``opt`` keeps (Adams' 'u' and 'sigma' besides ``kept``)."""
+    extra = sorted(set(entry) - kept - ({"u", "sigma"} if opt.uses_spectral_decay else set()))
+    if extra:
+        raise ValueError(f"state dict entry for {where} holds {extra}, which {_origin(opt)} does not keep: "
+                         "the state dict was saved by another optimizer")
 
 
 def validate_state_dict(opt: ShardedOptimizer, sd: Any) -> None:
@@ -55,12 +115,20 @@ def validate_state_dict(opt: ShardedOptimizer, sd: Any) -> None:
     if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
         raise ValueError("not an optimizer state dict: expected keys 'state' and 'param_groups'")
     groups = sd["param_groups"]
+    if not (isinstance(sd["state"], dict) and isinstance(groups, list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)):
+        raise ValueError("not an optimizer state dict: 'state' must be a dict and 'param_groups' a list of dicts "
+                         "with a 'params' list")
     if len(groups) != len(opt.param_groups):
         raise ValueError(f"state dict has {len(groups)} param groups, this optimizer has {len(opt.param_groups)}")
+    legacy = _check_origin(opt, sd)
     for gi, (mine, saved) in enumerate(zip(opt.param_groups, groups)):
         if len(saved["params"]) != len(mine["params"]):
             raise ValueError(f"param group {gi}: state dict has {len(saved['params'])} params, "
                              f"this optimizer has {len(mine['params'])}")
+        if not all(isinstance(pid, (int, str)) for pid in saved["params"]):
+            raise ValueError(f"param group {gi}: state dict 'params' must hold ints or names")
+        _check_group_values(opt, mine, saved, gi)
         if "second_moment" in mine:
             ablations.check_same_config(mine, saved, gi)
     required = ("step", "master_param", *opt.rule.state_names)
@@ -70,6 +138,7 @@ def validate_state_dict(opt: ShardedOptimizer, sd: Any) -> None:
         where = f"parameter #{slot.index} (shape {tuple(slot.param.shape)})"
         if entry is None:
             raise ValueError(f"state dict has no state for {where}")
+        _check_entry_types(entry, where)
         layout = opt._ablated.get(slot.index)
         for name in required:
             if name not in entry:
@@ -78,14 +147,16 @@ def validate_state_dict(opt: ShardedOptimizer, sd: Any) -> None:
                 continue  # checked by layout.validate below
             if name != "step" and tuple(entry[name].shape) != tuple(slot.param.shape):
                 raise ValueError(f"state dict '{name}' for {where} has shape {tuple(entry[name].shape)}")
+        if legacy:
+            _check_state_names(opt, entry, {*required, *(layout.saved_shapes if layout else ())}, where)
         if layout is not None:
             layout.validate(entry, where)
         if slot.spectral is not None:
             if "u" not in entry or entry["u"].numel() != slot.rows:
                 raise ValueError(f"state dict entry for {where} lacks a matching spectral 'u'")
             sigma = entry.get("sigma")
-            if sigma is not None and torch.as_tensor(sigma).numel() != slot.spectral.heads:
-                raise ValueError(f"state dict 'sigma' for {where} has {torch.as_tensor(sigma).numel()} heads, "
+            if sigma is not None and sigma.numel() != slot.spectral.heads:
+                raise ValueError(f"state dict 'sigma' for {where} has {sigma.numel()} heads, "
                                  f"this optimizer has {slot.spectral.heads} (was set_heads applied the same way?)")
 
 

@@ -12,6 +12,7 @@ import torch
 
 from . import ablations
 from .rules import KERNELS, Rule
+from .rules.base import finite_real
 from .spectral import SpectralShape
 
 ENGINE_KEYS = ("params", "param_names", "initial_lr")  # param-group entries that are not hyperparameters
@@ -63,27 +64,26 @@ def check_params(params: list[Any], groups: list[dict[str, Any]], device: torch.
 
 
 def check_group(group: dict[str, Any], rule: Rule, ablations_supported: bool) -> None:
-    """Validate one group's hyperparameters in place (betas become a pair of floats)."""
+    """Validate one group's hyperparameters in place (betas become a pair of floats). Each must be a
+    finite real number (not a bool): an infinite lr or ``lr=True`` would otherwise train silently wrong."""
     lr = group["lr"]
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"Tensor lr must have one element, got shape {tuple(lr.shape)}")
-        lr = float(lr)
-    if not (isinstance(lr, (int, float)) and lr >= 0.0):
-        raise ValueError(f"Invalid learning rate: {lr!r} (must be >= 0)")
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError(f"Tensor lr must have one element, got shape {tuple(lr.shape)}")
+    value = finite_real(lr, tensor_ok=True)
+    if value is None or value < 0.0:
+        raise ValueError(f"Invalid learning rate: {lr!r} (must be a finite number >= 0)")
     betas = group["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    for i, beta in enumerate(betas):
-        if isinstance(beta, torch.Tensor):
-            beta = float(beta)
-        if not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
-            raise ValueError(f"Invalid beta parameter at index {i}: {beta!r} (must be in [0, 1))")
-    group["betas"] = (float(betas[0]), float(betas[1]))
+    pair = [finite_real(beta, tensor_ok=True) for beta in betas]
+    for i, beta in enumerate(pair):
+        if beta is None or not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {betas[i]!r} (must be a number in [0, 1))")
+    group["betas"] = (pair[0], pair[1])
     ablations.validate_group(group, supported=ablations_supported)
     for key in ("weight_decay", "scalar_vector_weight_decay"):
-        if key in group and not (isinstance(group[key], (int, float)) and group[key] >= 0.0):
-            raise ValueError(f"Invalid {key} value: {group[key]!r} (must be >= 0)")
+        if key in group and not ((v := finite_real(group[key])) is not None and v >= 0.0):
+            raise ValueError(f"Invalid {key} value: {group[key]!r} (must be a finite number >= 0)")
     rule.validate(group)
 
 

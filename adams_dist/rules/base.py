@@ -8,6 +8,7 @@ the one cross-shard quantity a rule may need (HomeAdam's min of v_hat) is reques
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,6 +23,17 @@ KERNELS = ("auto", "foreach", "compiled")
 
 # Hyperparameters every rule checks when present: (lowest value, whether it is allowed).
 _LOWER_BOUNDS = {"eps": (0.0, True), "a": (0.0, False), "b": (0.0, True), "tau": (0.0, False)}
+_FLAGS = ("bias_correction_in_atan2", "per_tensor")  # truthiness of a string or a number would pass silently
+
+
+def finite_real(value: Any, tensor_ok: bool = False) -> float | None:
+    """``value`` as a float when it is a finite real number, else None. A bool is not a number here
+    (``lr=True`` is a mistake, not 1.0); a one-element real tensor counts when ``tensor_ok``."""
+    if tensor_ok and isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
 
 
 def adam_moments(g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, beta1: float, beta2: float) -> None:
@@ -81,11 +93,13 @@ class Rule:
         for key, (low, inclusive) in _LOWER_BOUNDS.items():
             if key not in group:
                 continue
-            value = group[key]
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
-                value >= low if inclusive else value > low)
-            if not ok:
-                raise ValueError(f"Invalid {key} value: {value!r} (must be a float {'>=' if inclusive else '>'} {low})")
+            value = finite_real(group[key])
+            if value is None or not (value >= low if inclusive else value > low):
+                raise ValueError(f"Invalid {key} value: {group[key]!r} (must be a finite float "
+                                 f"{'>=' if inclusive else '>'} {low})")
+        for key in _FLAGS:
+            if key in group and not isinstance(group[key], bool):
+                raise ValueError(f"Invalid {key} value: {group[key]!r} (must be True or False)")
 
     def apply(self, params: Tensors, grads: Tensors, state: dict[str, Tensors], steps: Sequence[float],
               group: dict[str, Any], lr: float, reduce_min: ReduceMin, decays: Sequence[Decay],
