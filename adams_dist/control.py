@@ -29,13 +29,15 @@ class Control:
     """``grad_norm_sq``: squared global gradient norm (filled in only when clipping or skipping needs it);
     ``has_grad``: per slot, how many ranks had a gradient; ``wtu``: per spectral slot index, the
     ``(heads, cols)`` partial ``W^T u`` of this rank's rows; ``edited``: how many ranks edited a gradient
-    after its reduction read it; ``agreement``: the one-hot codes of ``AGREEMENT``."""
+    after its reduction read it; ``found_inf``: how many ranks' GradScaler found inf/NaN gradients;
+    ``agreement``: the one-hot codes of ``AGREEMENT``."""
 
     def __init__(self, has_grad: torch.Tensor, wtu: dict[int, torch.Tensor], agree: dict[str, int]):
         self.grad_norm_sq = has_grad.new_zeros(1)
         self.has_grad = has_grad
         self.wtu = wtu
         self.edited = has_grad.new_zeros(1)
+        self.found_inf = has_grad.new_zeros(1)
         self.agreement = has_grad.new_zeros(sum(AGREEMENT.values()))
         offset = 0
         for name, slots in AGREEMENT.items():
@@ -45,7 +47,7 @@ class Control:
         self._work: Any = None
 
     def _fields(self) -> list[torch.Tensor]:
-        return [self.grad_norm_sq, self.has_grad, self.edited, self.agreement, *self.wtu.values()]
+        return [self.grad_norm_sq, self.has_grad, self.edited, self.found_inf, self.agreement, *self.wtu.values()]
 
     def start(self, all_reduce: Callable[[torch.Tensor], Any]) -> None:
         """Pack the fields and start ``all_reduce`` on them (it returns a handle with ``wait()``)."""
@@ -58,7 +60,7 @@ class Control:
         self._work.wait()
         fields = self._fields()
         parts = torch.split(self._vector, [f.numel() for f in fields])
-        self.grad_norm_sq, self.has_grad, self.edited, self.agreement, *wtu = [
+        self.grad_norm_sq, self.has_grad, self.edited, self.found_inf, self.agreement, *wtu = [
             p.view(f.shape) for p, f in zip(parts, fields)]
         self.wtu = dict(zip(self.wtu, wtu))
 

@@ -75,3 +75,14 @@ def plan(slot: Slot, state: dict[str, Any], group: dict[str, Any], lr: float, sp
     runs = spectral.power_rows(state["master_param"].view(-1, shape.cols), state["u"], slot.row_start, shape,
                                v, dead, state["sigma_sq"])
     return Decay(coef=lr * wd * math.sqrt(shape.rows), cols=shape.cols, runs=runs)
+
+
+def sigmas(slots: list[Slot], state: dict[Any, dict[str, Any]], shards: Any) -> dict[torch.Tensor, torch.Tensor]:
+    """Per matrix, the latest spectral-norm estimate per head: ``||W v||`` summed over the ranks' rows."""
+    slots = [s for s in slots if s.spectral is not None]
+    if not slots:
+        return {}
+    sq = torch.cat([state[s.param]["sigma_sq"] for s in slots])
+    shards.all_reduce(sq, "the all-reduce of spectral norms", side=True).wait()
+    heads = [s.spectral.heads for s in slots if s.spectral is not None]
+    return {s.param: part.sqrt() for s, part in zip(slots, sq.split(heads))}

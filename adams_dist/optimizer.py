@@ -14,16 +14,14 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.optim.optimizer import Optimizer
 
 from . import ablations, decay, fsdp, state_io, validation
-from .comm import DEFAULT_TIMEOUT, Comm
+from .comm import DEFAULT_TIMEOUT
 from .control import Control, agreement_values
 from .layout import Slot
 from .rules import Rule
-from .shards import DTensorRows, Grads, LocalRows, Shards
-from .zero import ZeroBuckets
+from .shards import Grads, Shards, make_shards
 
 
 class ShardedOptimizer(Optimizer):
@@ -31,6 +29,7 @@ class ShardedOptimizer(Optimizer):
 
     rule: Rule
     uses_spectral_decay = False  # Adams: spectral decay on matrices, scalar decay on the rest
+    _step_supports_amp_scaling = True  # torch's GradScaler hands step() grad_scale and found_inf
     _shards: Shards  # the sharding mode, chosen at the first build from the parameters and the process group
 
     def __init__(
@@ -96,28 +95,15 @@ class ShardedOptimizer(Optimizer):
         if hasattr(self, "_shards"):  # a group added after construction
             self._build([len(self.param_groups) - 1])
 
-    def _make_shards(self, params: list[torch.Tensor]) -> Shards:
-        """The sharding mode: DTensor rows for FSDP2 parameters, ZeRO buckets over a group of more than
-        one rank, local rows otherwise."""
-        names = ("master_param", *self.rule.state_names)
-        mesh_group = fsdp.mesh_group(params)
-        if mesh_group is not None:
-            comm = Comm(mesh_group, self.collective_timeout)
-            return DTensorRows(comm if comm.world_size > 1 else None, self.master_dtype, names)
-        if self._process_group is not None or (dist.is_available() and dist.is_initialized()):
-            comm = Comm(self._process_group, self.collective_timeout)
-            if comm.world_size > 1:
-                return ZeroBuckets(comm, self.master_dtype, names, self.bucket_mb, self.grad_comm_dtype,
-                                   self.overlap)
-        return LocalRows(self.master_dtype, names)
-
     @torch.no_grad()
     def _build(self, group_indices: Iterable[int]) -> None:
         group_indices = list(group_indices)
         groups = [self.param_groups[gi] for gi in group_indices]
         new_params = [p for g in groups for p in g["params"]]
         if not hasattr(self, "_shards"):
-            self._shards = self._make_shards(new_params)
+            self._shards = make_shards(new_params, self._process_group, ("master_param", *self.rule.state_names),
+                                       self.master_dtype, self.bucket_mb, self.grad_comm_dtype, self.overlap,
+                                       self.collective_timeout)
         elif (fsdp.mesh_group(new_params) is not None) != self._shards.takes_dtensors:
             raise ValueError("cannot mix DTensor (FSDP2) parameters with plain ones in one optimizer")
         shards = self._shards
@@ -196,16 +182,25 @@ class ShardedOptimizer(Optimizer):
         """Average the gradients now, clip them to ``max_norm`` by their true global norm, return the norm.
 
         The clipped, averaged gradients are kept for the next ``step()``. Collective in distributed mode.
+        With a GradScaler, call ``scaler.unscale_(optimizer)`` first, as for any optimizer.
         """
         if not max_norm > 0:
             raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
         self._check_grads()
-        self._shards.set_context(f"clip_grad_norm_() before step {self._steps_taken + 1}")
-        grads = self._shards.wait_reduce()
+        shards = self._shards
+        shards.set_context(f"clip_grad_norm_() before step {self._steps_taken + 1}")
+        shards.inv_scale = 1.0  # the gradients are unscaled by now (scaler.unscale_)
+        grads = shards.wait_reduce()
+        # With the norm goes whether any rank's gradients changed since overlap mode reduced them.
         norm_sq = self._grad_norm_sq(grads)
-        self._shards.all_reduce(norm_sq, "the gradient-norm all-reduce", side=True).wait()
-        norm = norm_sq[0].sqrt()
-        self._shards.scale_grads(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+        norm_edited = torch.cat([norm_sq, norm_sq.new_tensor([float(shards.edited())])])
+        shards.all_reduce(norm_edited, "the gradient-norm all-reduce", side=True).wait()
+        if float(norm_edited[1]) > 0:
+            grads = shards.reduce_again()
+            norm_edited[:1] = self._grad_norm_sq(grads)
+            shards.all_reduce(norm_edited[:1], "the gradient-norm all-reduce", side=True).wait()
+        norm = norm_edited[0].sqrt()
+        shards.scale_grads(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
         self.last_grad_norm = norm
         return norm
 
@@ -226,13 +221,13 @@ class ShardedOptimizer(Optimizer):
         # Gradients in, and the control all-reduce (norm, has-grad flags, W^T u partials, agreement).
         control = self._control_partials()
         grads = self._gradients_in(control)
+        if float(control.found_inf) > 0:  # a GradScaler found inf/NaN on some rank: every rank skips
+            return self._skip(loss)
         if self.max_grad_norm is not None or self.skip_nonfinite:
             norm = control.grad_norm_sq[0].sqrt()
             self.last_grad_norm = norm
             if self.skip_nonfinite and not bool(torch.isfinite(norm)):
-                self.skipped_steps += 1
-                shards.discard()
-                return loss
+                return self._skip(loss)
             if self.max_grad_norm is not None:
                 shards.scale_grads(grads, (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0))
 
@@ -247,6 +242,11 @@ class ShardedOptimizer(Optimizer):
 
         # Parameters out.
         shards.write_back(self.state)
+        return loss
+
+    def _skip(self, loss: Any) -> Any:
+        self.skipped_steps += 1
+        self._shards.discard()
         return loss
 
     def _control_partials(self) -> Control:
@@ -268,6 +268,12 @@ class ShardedOptimizer(Optimizer):
         the last reduce-scatter is issued, and its latency hides behind theirs.
         """
         shards, need_norm = self._shards, self.max_grad_norm is not None or self.skip_nonfinite
+        # A GradScaler (which sees _step_supports_amp_scaling) sets grad_scale and found_inf for this call.
+        # Each rank unscales its own gradients as they are read: its scale may differ from the others'.
+        scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        shards.inv_scale = 1.0 if scale is None else 1.0 / float(scale)
+        if found_inf is not None:
+            control.found_inf.copy_(found_inf.reshape(1))
         shards.start_reduce()
         control.edited.fill_(float(shards.edited()))
         if not need_norm:
@@ -335,13 +341,7 @@ class ShardedOptimizer(Optimizer):
     @torch.no_grad()
     def spectral_sigmas(self) -> dict[torch.Tensor, torch.Tensor]:
         """Latest spectral-norm estimate per matrix (one value per head). Collective when distributed."""
-        slots = [s for s in self._slots if s.spectral is not None]
-        if not slots:
-            return {}
-        sq = torch.cat([self.state[s.param]["sigma_sq"] for s in slots])
-        self._shards.all_reduce(sq, "the all-reduce of spectral norms", side=True).wait()
-        heads = [s.spectral.heads for s in slots if s.spectral is not None]
-        return {s.param: part.sqrt() for s, part in zip(slots, sq.split(heads))}
+        return decay.sigmas(self._slots, self.state, self._shards)
 
     @property
     def collectives_issued(self) -> int:

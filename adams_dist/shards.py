@@ -43,7 +43,8 @@ class Shards:
         self.slots: list[Slot] = []
         self._grads: Grads | None = None  # this step's gradient rows per slot, kept until discard()
         self._versions: dict[int, int] = {}  # param version after our last write: a change means a user edit
-        self._marks: dict[int, tuple[int, int]] = {}  # slot -> (id, version) of p.grad when it was read
+        self._marks: dict[int, tuple[int, int, float]] = {}  # slot -> p.grad's (id, version), inv_scale, when read
+        self.inv_scale = 1.0  # 1 / the loss scale of a GradScaler: gradients are unscaled as they are read
         self.accumulating = False  # inside no_sync(): backward hooks launch no reduction
         self.backward_passes = 0  # since the last step, counted where hooks can see them (ZeRO)
         self.zero_grads = 0  # zero_grad() calls since the last step
@@ -113,26 +114,28 @@ class Shards:
         """This rank's averaged gradient rows per slot (None: no gradient here), kept until ``discard``."""
         if self._grads is None:
             self._mark(self.slots)
-            self._grads = [None if s.param.grad is None else
-                           fsdp.local_tensor(s.param.grad).reshape(-1).to(self.master_dtype) for s in self.slots]
+            self._grads = [None if s.param.grad is None else self._unscaled(fsdp.local_tensor(s.param.grad).reshape(-1))
+                           for s in self.slots]
         return self._grads
+
+    def _unscaled(self, g: torch.Tensor) -> torch.Tensor:
+        """``g`` in the master dtype, divided by the loss scale (a new tensor then: p.grad stays as it is)."""
+        g = g.to(self.master_dtype)
+        return g if self.inv_scale == 1.0 else g * self.inv_scale
 
     def _mark(self, slots: list[Slot]) -> None:
         """Remember which gradient each slot's reduction read, to see edits made after it."""
         for s in slots:
-            g = s.param.grad
-            self._marks[s.index] = (0, 0) if g is None else (id(g), g._version)
+            self._marks[s.index] = self._grad_key(s)
+
+    def _grad_key(self, slot: Slot) -> tuple[int, int, float]:
+        g = slot.param.grad
+        return (0, 0, self.inv_scale) if g is None else (id(g), g._version, self.inv_scale)
 
     def edited(self) -> bool:
         """Whether some ``p.grad`` changed after its reduction read it (``p.grad = None``, ``zero_grad()``,
-        an in-place clip): the reduction is stale and must run again."""
-        for s in self.slots:
-            mark = self._marks.get(s.index)
-            if mark is not None:
-                g = s.param.grad
-                if mark != ((0, 0) if g is None else (id(g), g._version)):
-                    return True
-        return False
+        an in-place clip), or the loss scale did: the reduction is stale and must run again."""
+        return any(mark != self._grad_key(s) for s in self.slots if (mark := self._marks.get(s.index)) is not None)
 
     def reduce_again(self) -> Grads:
         """Reduce from the current gradients (every rank calls it when any rank's were edited)."""
@@ -265,3 +268,21 @@ class DTensorRows(Shards):
         local = super().gather_state(state)
         return {s.index: {name: fsdp.like_param(s.param, t, per_row=name == "u") for name, t in local[s.index].items()}
                 for s in self.slots}
+
+
+def make_shards(params: list[torch.Tensor], process_group: Any | None, names: tuple[str, ...],
+                master_dtype: torch.dtype, bucket_mb: float, grad_comm_dtype: torch.dtype, overlap: bool,
+                timeout: float) -> Shards:
+    """The sharding mode for ``params``: DTensor rows for FSDP2 parameters, ZeRO buckets over a group of
+    more than one rank, local rows otherwise."""
+    from .zero import ZeroBuckets  # zero.py builds on this module
+
+    mesh_group = fsdp.mesh_group(params)
+    if mesh_group is not None:
+        comm = Comm(mesh_group, timeout)
+        return DTensorRows(comm if comm.world_size > 1 else None, master_dtype, names)
+    if process_group is not None or (dist.is_available() and dist.is_initialized()):
+        comm = Comm(process_group, timeout)
+        if comm.world_size > 1:
+            return ZeroBuckets(comm, master_dtype, names, bucket_mb, grad_comm_dtype, overlap)
+    return LocalRows(master_dtype, names)

@@ -107,6 +107,8 @@ class ZeroBuckets(Shards):
         for slot in bucket.slots:
             if slot.param.grad is not None:
                 scatter_rows(slot.param.grad.reshape(-1), staging, slot, w)
+        if self.inv_scale != 1.0:  # each rank unscales its own gradients: ranks' loss scales may differ
+            staging.mul_(self.inv_scale)
         self._mark(bucket.slots)
         self._zero_grads_at_launch = self.zero_grads
         shard = torch.empty(bucket.section_numel, dtype=self.grad_comm_dtype, device=bucket.device)

@@ -215,3 +215,46 @@ def test_a_dropped_optimizer_leaves_no_active_hooks() -> None:
     replaced, fresh = run(_replaced_optimizer, 2, True, timeout=120), run(_replaced_optimizer, 2, False, timeout=120)
     for a, b in zip(replaced[0], fresh[0]):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------- AMP
+
+
+def _amp(rank: int, world: int, scaler_on: bool, overlap: bool) -> dict:
+    """Three steps; at the second, rank 1's gradients hold an inf. With a GradScaler every rank must skip
+    that step; the reference run skips it by not running it at all."""
+    model = _model()
+    opt = adams_dist.Adams_ZeRO(model.parameters(), lr=1e-2, overlap=overlap, bucket_mb=1e-4,
+                                collective_timeout=30)
+    # powers of two: scaling and unscaling are exact, so the runs agree bit for bit
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1) if scaler_on else None
+    scales = []
+    for step in range(4):
+        if step == 1 and not scaler_on:
+            continue
+        loss = _loss(model, rank, step)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            if step == 1 and rank == 1:
+                model[0].weight.grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+            scales.append(scaler.get_scale())
+        opt.zero_grad()
+    return {"params": [p.detach().clone() for p in model.parameters()], "scales": scales,
+            "skipped": opt.skipped_steps, "steps": [int(opt.state[p]["step"]) for p in model.parameters()]}
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_grad_scaler_skips_the_same_step_on_every_rank(overlap: bool) -> None:
+    amp = run(_amp, 2, True, overlap, timeout=120)
+    reference = run(_amp, 2, False, False, timeout=120)
+    for rank in range(2):
+        assert amp[rank]["skipped"] == 1 and amp[rank]["steps"] == [3] * len(amp[rank]["steps"]), amp[rank]
+        for a, b in zip(amp[rank]["params"], reference[0]["params"]):
+            assert torch.equal(a, b)
+    # the rank that saw the inf backed off; each rank unscales its own gradients, so scales may differ
+    assert amp[1]["scales"][1] == amp[1]["scales"][0] / 2 and amp[0]["scales"][1] == amp[0]["scales"][0] * 2
