@@ -7,6 +7,7 @@ shards master weights and moments across ranks, averaging gradients internally.
 from . import rules
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .comm import CollectiveTimeout
+from .ddp import ddp_without_allreduce
 from .info import info
 from .optimizer import ShardedOptimizer
 from .optimizers import (
@@ -38,6 +39,7 @@ __all__ = [
     "HomeAdamEW",
     "ShardedOptimizer",
     "create_optimizer",
+    "ddp_without_allreduce",
     "info",
     "init_distributed",
     "load_checkpoint",

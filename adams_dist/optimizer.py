@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.optim.optimizer import Optimizer
 
-from . import ablations, decay, fsdp, state_io, validation
+from . import ablations, ddp, decay, fsdp, state_io, validation
 from .comm import DEFAULT_TIMEOUT
 from .control import Control, agreement_values
 from .layout import Slot
@@ -73,6 +73,7 @@ class ShardedOptimizer(Optimizer):
         self._ablation_cfg: dict[int, ablations.Config] = {}  # group index -> options the state was built for
         super().__init__(params, defaults)
         self._build(range(len(self.param_groups)))
+        ddp.watch(self)  # warns once, at the first step, if a DDP module still all-reduces our gradients
 
     # ------------------------------------------------------------------ construction
 

@@ -4,9 +4,11 @@
 
 Competitors (all in the same spawned processes, one thread each, steps interleaved round-robin):
 adams_dist Adams_ZeRO (plain model; overlap off and on), adams-torch Adams_ZeRO (plain model),
-DDP + torch AdamW(foreach), DDP + ZeroRedundancyOptimizer(AdamW). Each step is barrier, forward,
-backward, step; a phase's time is the max over ranks, then the median over steps. Collectives and
-bytes: adams_dist counts its own; the others are counted by wrapping torch.distributed functions
+DDP + torch AdamW(foreach), DDP + ZeroRedundancyOptimizer(AdamW), and adams_dist Adams_ZeRO on a DDP-wrapped
+model, with DDP's all-reduce left on and turned off by adams_dist.ddp_without_allreduce. Each step is barrier,
+forward, backward, step; a phase's time is the max over ranks, then the median over steps. Collectives and
+bytes: adams_dist counts its own (plus, on a DDP model, DDP's in forward and backward); the others are
+counted by wrapping torch.distributed functions
 (DDP runs with its default allreduce_hook registered as a python comm hook, so its all-reduces go through them).
 Bytes sent per rank use the ring model: all-reduce 2(W-1)/W, reduce-scatter / all-gather / broadcast (W-1)/W
 of the full tensor's bytes.
@@ -36,8 +38,10 @@ from adams_dist.testing import run
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+DDP_ADAMS = "DDP + adams_dist Adams_ZeRO"  # DDP all-reduces, then the optimizer averages again
+DDP_ADAMS_OFF = "DDP, no all-reduce + adams_dist Adams_ZeRO"  # adams_dist.ddp_without_allreduce
 NAMES = ["adams_dist Adams_ZeRO", "adams_dist Adams_ZeRO overlap", "adams-torch Adams_ZeRO", "DDP + torch AdamW",
-         "DDP + ZeRO(AdamW)"]
+         "DDP + ZeRO(AdamW)", DDP_ADAMS, DDP_ADAMS_OFF]
 COUNT = {"current": None, "n": {}, "bytes": {}}  # collectives issued through wrapped calls, per competitor
 
 
@@ -83,7 +87,14 @@ def build(name: str, world: int, cfg: dict):
     torch.manual_seed(0)
     model = GPT(cfg["vocab"], cfg["d"], cfg["layers"], cfg["heads"], cfg["block"])
     params = list(model.parameters())
-    if name.startswith("adams_dist"):
+    if name in (DDP_ADAMS, DDP_ADAMS_OFF):
+        model = DDP(model)
+        if name == DDP_ADAMS:
+            model.register_comm_hook(None, allreduce_hook)  # counted, as for the DDP rows
+        else:
+            adams_dist.ddp_without_allreduce(model)
+        opt = adams_dist.Adams_ZeRO(params, lr=1e-3)
+    elif name.startswith("adams_dist"):
         opt = adams_dist.Adams_ZeRO(params, lr=1e-3, overlap=name.endswith("overlap"))
     elif name.startswith("adams-torch"):
         with warnings.catch_warnings():
@@ -101,6 +112,7 @@ def build(name: str, world: int, cfg: dict):
 
 def worker(rank: int, world: int, cfg: dict) -> dict:
     warnings.simplefilter("ignore", FutureWarning)  # reduce_scatter_tensor / all_gather_into_tensor renamed
+    warnings.filterwarnings("ignore", "Adams_ZeRO's parameters belong to a DistributedDataParallel")  # DDP_ADAMS
     _wrap_collectives(world)
     runs = {name: build(name, world, cfg) for name in NAMES}
     gen = torch.Generator().manual_seed(100 + rank)
@@ -122,6 +134,8 @@ def worker(rank: int, world: int, cfg: dict) -> dict:
             if cfg["sync_before_step"]:  # the step phase then excludes waiting for the slowest rank's backward
                 dist.barrier()
             t1 = time.perf_counter()
+            if isinstance(opt, adams_dist.ShardedOptimizer):  # its step counts itself; wrapped calls before = DDP's
+                COUNT["current"] = None
             opt.step()
             t2 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
@@ -131,8 +145,9 @@ def worker(rank: int, world: int, cfg: dict) -> dict:
                     times[name][key].append(val)
     out = {}
     for name, (_, opt, params) in runs.items():
-        if name in base:  # adams_dist's own counters
-            n, b = opt.collectives_issued - base[name][0], opt.bytes_sent - base[name][1]
+        if name in base:  # adams_dist's own counters, plus DDP's in forward and backward
+            n = opt.collectives_issued - base[name][0] + COUNT["n"].get(name, 0)
+            b = opt.bytes_sent - base[name][1] + COUNT["bytes"].get(name, 0)
         else:
             n, b = COUNT["n"].get(name, 0), COUNT["bytes"].get(name, 0)
         out[name] = dict(times=times[name], collectives=n / cfg["steps"], bytes=b / cfg["steps"],
@@ -158,11 +173,12 @@ def summarize(per_rank: list[dict], world: int) -> list[dict]:
 def plot(rows: list[dict], path) -> None:
     worlds = sorted({r["world"] for r in rows})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(NAMES)
     for ax, key, label in ((axes[0], "step_ms", "optimizer.step() ms"), (axes[1], "total_ms", "fwd+bwd+step ms")):
         for i, name in enumerate(NAMES):
             vals = [next(r[key] for r in rows if r["world"] == w and r["optimizer"] == name) for w in worlds]
-            ax.bar([j + i * 0.16 for j in range(len(worlds))], vals, width=0.16, label=name)
-        ax.set_xticks([j + 0.32 for j in range(len(worlds))], [f"W={w}" for w in worlds])
+            ax.bar([j + i * width for j in range(len(worlds))], vals, width=width, label=name)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(worlds))], [f"W={w}" for w in worlds])
         ax.set_ylabel(label)
     axes[0].legend(fontsize=7)
     fig.suptitle(f"GPT {rows[0]['n_params'] / 1e6:.2f}M params, CPU gloo, 1 thread per rank")
