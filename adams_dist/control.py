@@ -45,6 +45,9 @@ class Control:
             offset += slots
         self._vector: torch.Tensor | None = None
         self._work: Any = None
+        self.any_edited = self.any_found_inf = False  # the decisions wait() reads to the host
+        self.active: list[bool] = []
+        self.differ: list[str] = []
 
     def _fields(self) -> list[torch.Tensor]:
         return [self.grad_norm_sq, self.has_grad, self.edited, self.found_inf, self.agreement, *self.wtu.values()]
@@ -55,7 +58,10 @@ class Control:
         self._work = all_reduce(self._vector)
 
     def wait(self) -> None:
-        """Wait for the sum and point every field at its part of it."""
+        """Wait for the sum, point every field at its part of it, and read the step's decisions to the host
+        in one transfer (one device sync per step): ``any_edited``, ``any_found_inf``, ``active`` (per slot:
+        some rank had a gradient; a param with none anywhere is not stepped) and ``differ`` (the
+        ``AGREEMENT`` names on which the ranks differ)."""
         assert self._vector is not None, "Control.wait() before start()"
         self._work.wait()
         fields = self._fields()
@@ -63,20 +69,16 @@ class Control:
         self.grad_norm_sq, self.has_grad, self.edited, self.found_inf, self.agreement, *wtu = [
             p.view(f.shape) for p, f in zip(parts, fields)]
         self.wtu = dict(zip(self.wtu, wtu))
-
-    def active(self) -> list[bool]:
-        """Per slot: did any rank have a gradient (a param without one anywhere is not stepped)."""
-        return (self.has_grad > 0).tolist()
-
-    def disagreements(self) -> list[str]:
-        """The ``AGREEMENT`` names on which the ranks differ (after ``wait()``)."""
-        counts = self.agreement.split(list(AGREEMENT.values()))
-        return [name for name, c in zip(AGREEMENT, counts) if int((c > 0).sum()) > 1]
+        codes_set = torch.stack([(c > 0).sum() for c in self.agreement.split(list(AGREEMENT.values()))])
+        host = torch.cat([self.edited, self.found_inf, codes_set.float(), self.has_grad]).tolist()
+        self.any_edited, self.any_found_inf = host[0] > 0, host[1] > 0
+        self.differ = [name for name, n in zip(AGREEMENT, host[2:2 + len(AGREEMENT)]) if n > 1]
+        self.active = [n > 0 for n in host[2 + len(AGREEMENT):]]
 
     def check_agreement(self, step: int, gather_readable: Callable[[], list[dict[str, Any]]]) -> None:
         """Raise on every rank when the ranks did different things since the previous step (after ``wait()``).
         ``gather_readable()`` collects every rank's ``agreement_values(readable=True)`` to name them."""
-        differ = self.disagreements()
+        differ = self.differ
         if not differ:
             return
         values = gather_readable()

@@ -222,7 +222,7 @@ class ShardedOptimizer(Optimizer):
         # Gradients in, and the control all-reduce (norm, has-grad flags, W^T u partials, agreement).
         control = self._control_partials()
         grads = self._gradients_in(control)
-        if float(control.found_inf) > 0:  # a GradScaler found inf/NaN on some rank: every rank skips
+        if control.any_found_inf:  # a GradScaler found inf/NaN on some rank: every rank skips
             return self._skip(loss)
         if self.max_grad_norm is not None or self.skip_nonfinite:
             norm = control.grad_norm_sq[0].sqrt()
@@ -233,7 +233,7 @@ class ShardedOptimizer(Optimizer):
                 shards.scale_grads(grads, (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0))
 
         # Decay and the rule update, per group, of the params that got a gradient on some rank.
-        active = control.active()
+        active = control.active
         for gi, group in enumerate(self.param_groups):
             slots = [s for s in self._slots if s.group_index == gi and active[s.index]]
             if slots:
@@ -286,7 +286,7 @@ class ShardedOptimizer(Optimizer):
         control.wait()
         control.check_agreement(self._steps_taken, lambda: self._shards.gather_json(
             self._agreement_values(readable=True), "the comparison of the ranks"))
-        if float(control.edited) > 0:  # some rank edited a gradient after its reduction read it
+        if control.any_edited:  # some rank edited a gradient after its reduction read it
             grads = shards.reduce_again()
             if need_norm:
                 control.grad_norm_sq = self._grad_norm_sq(grads)
