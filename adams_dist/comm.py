@@ -131,20 +131,22 @@ class Comm:
         self.collectives += 1
         self.bytes_sent += int(n_bytes)
 
+    def _group(self, side: bool) -> Any:
+        """The side group when asked for and there is one, else the optimizer's group."""
+        return self.side if side and self.side is not None else self.group
+
     def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, what: str) -> Handle:
         self._count(inp.numel() * inp.element_size() * (self.world_size - 1) / self.world_size)
         return Handle(_reduce_scatter(out, inp, group=self.group, async_op=True), self, what)
 
     def all_gather(self, out: torch.Tensor, inp: torch.Tensor, what: str, side: bool = False) -> Handle:
         self._count(out.numel() * out.element_size() * (self.world_size - 1) / self.world_size)
-        group = self.side if side and self.side is not None else self.group
-        return Handle(_all_gather(out, inp, group=group, async_op=True), self, what)
+        return Handle(_all_gather(out, inp, group=self._group(side), async_op=True), self, what)
 
     def all_reduce(self, t: torch.Tensor, what: str, op: Any = dist.ReduceOp.SUM, side: bool = False) -> Handle:
         """Start an all-reduce of ``t`` in place; ``wait()`` on the handle."""
         self._count(2 * t.numel() * t.element_size() * (self.world_size - 1) / self.world_size)
-        group = self.side if side and self.side is not None else self.group
-        return Handle(dist.all_reduce(t, op=op, group=group, async_op=True), self, what)
+        return Handle(dist.all_reduce(t, op=op, group=self._group(side), async_op=True), self, what)
 
     def broadcast_tensors(self, tensors: list[torch.Tensor]) -> None:
         """Copy rank 0's values of ``tensors`` to every rank, one flat broadcast per dtype/device."""
@@ -164,8 +166,10 @@ class Comm:
     def gather_json(self, obj: Any, what: str) -> list[Any]:
         """Every rank's ``obj`` (anything ``json`` encodes), in rank order, over the side group. Two small
         all-gathers of tensors, so it needs neither pickle nor numpy (``all_gather_object`` needs both)."""
-        group = self.side if self.side is not None else self.group
-        return all_gather_json(obj, group, lambda work, name: Handle(work, self, f"{what} ({name})").wait())
+        def bounded(work: Any, name: str) -> None:
+            Handle(work, self, f"{what} ({name})").wait()
+
+        return all_gather_json(obj, self._group(side=True), bounded)
 
     def check_same_everywhere(self, fingerprint: list[str], what: str) -> None:
         """Raise on every rank, naming the first difference, unless all ranks pass equal lists."""
