@@ -5,6 +5,7 @@ shards master weights and moments across ranks, averaging gradients internally.
 """
 
 from . import rules
+from .amp import GradScaler
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .comm import CollectiveTimeout
 from .ddp import ddp_without_allreduce
@@ -28,6 +29,7 @@ from .version import __version__ as __version__
 
 __all__ = [
     "CollectiveTimeout",
+    "GradScaler",
     "OPTIMIZERS",
     "AdamATan2",
     "AdamSRF",

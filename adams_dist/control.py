@@ -46,6 +46,7 @@ class Control:
         self._vector: torch.Tensor | None = None
         self._work: Any = None
         self.any_edited = self.any_found_inf = False  # the decisions wait() reads to the host
+        self.grad_norm_sq_host = 0.0  # grad_norm_sq as read with them
         self.active: list[bool] = []
         self.differ: list[str] = []
 
@@ -59,9 +60,9 @@ class Control:
 
     def wait(self) -> None:
         """Wait for the sum, point every field at its part of it, and read the step's decisions to the host
-        in one transfer (one device sync per step): ``any_edited``, ``any_found_inf``, ``active`` (per slot:
-        some rank had a gradient; a param with none anywhere is not stepped) and ``differ`` (the
-        ``AGREEMENT`` names on which the ranks differ)."""
+        in one transfer (one device sync per step): ``grad_norm_sq_host``, ``any_edited``, ``any_found_inf``,
+        ``active`` (per slot: some rank had a gradient; a param with none anywhere is not stepped) and
+        ``differ`` (the ``AGREEMENT`` names on which the ranks differ)."""
         assert self._vector is not None, "Control.wait() before start()"
         self._work.wait()
         fields = self._fields()
@@ -70,10 +71,10 @@ class Control:
             p.view(f.shape) for p, f in zip(parts, fields)]
         self.wtu = dict(zip(self.wtu, wtu))
         codes_set = torch.stack([(c > 0).sum() for c in self.agreement.split(list(AGREEMENT.values()))])
-        host = torch.cat([self.edited, self.found_inf, codes_set.float(), self.has_grad]).tolist()
-        self.any_edited, self.any_found_inf = host[0] > 0, host[1] > 0
-        self.differ = [name for name, n in zip(AGREEMENT, host[2:2 + len(AGREEMENT)]) if n > 1]
-        self.active = [n > 0 for n in host[2 + len(AGREEMENT):]]
+        host = torch.cat([self.grad_norm_sq, self.edited, self.found_inf, codes_set.float(), self.has_grad]).tolist()
+        self.grad_norm_sq_host, self.any_edited, self.any_found_inf = host[0], host[1] > 0, host[2] > 0
+        self.differ = [name for name, n in zip(AGREEMENT, host[3:3 + len(AGREEMENT)]) if n > 1]
+        self.active = [n > 0 for n in host[3 + len(AGREEMENT):]]
 
     def check_agreement(self, step: int, gather_readable: Callable[[], list[dict[str, Any]]]) -> None:
         """Raise on every rank when the ranks did different things since the previous step (after ``wait()``).

@@ -4,12 +4,13 @@ ZeRO mode averages the gradients itself (one reduce-scatter per bucket), so DDP'
 backward only doubles the gradient traffic. Frameworks (HF Trainer, accelerate, Lightning) wrap the
 model in DDP themselves; :func:`ddp_without_allreduce` keeps their wrapper and drops its all-reduce.
 
-Detection: torch keeps DDP's gradient hooks in C++, invisible from a parameter, so the optimizer
-notes the DDP modules that run forward (a process-wide forward pre-hook, installed at construction
-in distributed mode) and, at its first ``step()``, warns once if one of them owns its parameters
-and still all-reduces. Both hooks are removed at that first step: later steps pay nothing.
+Detection: torch keeps DDP's gradient hooks in C++, invisible from a parameter, so at its first
+distributed ``step()`` the optimizer looks once through the live objects for DDP modules (tens of
+milliseconds, once) and warns if one owns its parameters and still all-reduces. No hook is
+installed: a hook removed later would make a compiled train step recompile.
 """
 
+import gc
 import warnings
 import weakref
 from typing import Any
@@ -48,34 +49,15 @@ def ddp_without_allreduce(model: DistributedDataParallel) -> DistributedDataPara
     return model
 
 
-class _Watch:
-    """Notes the DDP modules that run forward until the optimizer's first step, then checks them once."""
-
-    def __init__(self, opt: torch.optim.Optimizer):
-        self.seen: weakref.WeakSet[DistributedDataParallel] = weakref.WeakSet()
-        self.forward = torch.nn.modules.module.register_module_forward_pre_hook(self._note)
-        self.step = opt.register_step_pre_hook(self._check)
-        weakref.finalize(opt, self.forward.remove)  # an optimizer dropped before its first step
-
-    def _note(self, module: torch.nn.Module, args: Any) -> None:
-        if isinstance(module, DistributedDataParallel):
-            self.seen.add(module)
-
-    def _check(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self.forward.remove()
-        self.step.remove()
-        ours = {id(p) for g in opt.param_groups for p in g["params"]}
-        for model in self.seen:
-            if model not in _SILENCED and any(id(p) in ours for p in model.parameters()):
-                warnings.warn(
-                    f"{type(opt).__name__}'s parameters belong to a DistributedDataParallel module that still "
-                    "all-reduces every gradient, and the optimizer averages them again: the gradient traffic is "
-                    "doubled. Call adams_dist.ddp_without_allreduce(model) on the DDP module (before backward, "
-                    "on every rank), or do not wrap the model in DDP.", UserWarning, stacklevel=3)
-                break
-
-
-def watch(opt: Any) -> None:
-    """Arm the one-time check of ``opt``'s parameters against DDP modules (ZeRO mode only)."""
-    if opt.world_size > 1:
-        _Watch(opt)
+def warn_if_allreducing(opt: Any) -> None:
+    """Warn once if a live DDP module owns ``opt``'s parameters and still all-reduces their gradients."""
+    ours = {id(p) for g in opt.param_groups for p in g["params"]}
+    for model in gc.get_objects():
+        if (issubclass(type(model), DistributedDataParallel) and model not in _SILENCED  # type(): dead weak proxies
+                and any(id(p) in ours for p in model.parameters())):
+            warnings.warn(
+                f"{type(opt).__name__}'s parameters belong to a DistributedDataParallel module that still "
+                "all-reduces every gradient, and the optimizer averages them again: the gradient traffic is "
+                "doubled. Call adams_dist.ddp_without_allreduce(model) on the DDP module (before backward, "
+                "on every rank), or do not wrap the model in DDP.", UserWarning, stacklevel=3)
+            return

@@ -10,6 +10,7 @@ reduce-scatter per bucket under ZeRO, or the local gradient); (2) one small all-
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -64,6 +65,7 @@ class ShardedOptimizer(Optimizer):
         self.skip_nonfinite = bool(skip_nonfinite)
         self.last_grad_norm: torch.Tensor | None = None
         self.skipped_steps = 0
+        self.found_inf_anywhere: torch.Tensor | None = None  # 1 when a GradScaler's found-inf was set on any rank
         self._process_group = process_group
         self._device: torch.device | None = None
         self._steps_taken = 0  # step() calls, for error messages
@@ -73,7 +75,6 @@ class ShardedOptimizer(Optimizer):
         self._ablation_cfg: dict[int, ablations.Config] = {}  # group index -> options the state was built for
         super().__init__(params, defaults)
         self._build(range(len(self.param_groups)))
-        ddp.watch(self)  # warns once, at the first step, if a DDP module still all-reduces our gradients
 
     # ------------------------------------------------------------------ construction
 
@@ -165,6 +166,7 @@ class ShardedOptimizer(Optimizer):
         finally:
             self._shards.accumulating = previous
 
+    @torch.compiler.disable  # see step()
     def zero_grad(self, set_to_none: bool = True) -> None:
         # Reductions already launched stay in flight: step() sees the edit on any rank and every rank
         # reduces again, so no rank issues a collective the others do not.
@@ -178,6 +180,7 @@ class ShardedOptimizer(Optimizer):
         norms = torch._foreach_norm(present)
         return torch.stack([n.float() for n in norms]).square().sum().reshape(1)
 
+    @torch.compiler.disable  # see step()
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Average the gradients now, clip them to ``max_norm`` by their true global norm, return the norm.
@@ -207,6 +210,10 @@ class ShardedOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ the step
 
+    # A compiler boundary: inside a torch.compile'd train step, Dynamo runs step() as it is instead of
+    # tracing its collectives and Python decisions (which would recompile every step). The update runs
+    # its own compiled kernels (kernel="compiled").
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
         loss = None
@@ -215,6 +222,8 @@ class ShardedOptimizer(Optimizer):
                 loss = closure()
         shards = self._shards
         self._steps_taken += 1
+        if self._steps_taken == 1 and shards.world_size > 1:
+            ddp.warn_if_allreducing(self)  # DDP's all-reduce on top of ours would double the traffic
         shards.set_context(f"step {self._steps_taken}")
         self._check_grads()
         shards.adopt_edits(self.state)
@@ -227,7 +236,7 @@ class ShardedOptimizer(Optimizer):
         if self.max_grad_norm is not None or self.skip_nonfinite:
             norm = control.grad_norm_sq[0].sqrt()
             self.last_grad_norm = norm
-            if self.skip_nonfinite and not bool(torch.isfinite(norm)):
+            if self.skip_nonfinite and not math.isfinite(control.grad_norm_sq_host):
                 return self._skip(loss)
             if self.max_grad_norm is not None:
                 shards.scale_grads(grads, (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0))
@@ -270,7 +279,8 @@ class ShardedOptimizer(Optimizer):
         """
         shards, need_norm = self._shards, self.max_grad_norm is not None or self.skip_nonfinite
         # A GradScaler (which sees _step_supports_amp_scaling) sets grad_scale and found_inf for this call.
-        # Each rank unscales its own gradients as they are read: its scale may differ from the others'.
+        # Each rank unscales its own gradients as they are read: its scale may differ from the others'
+        # (adams_dist.GradScaler keeps them equal, from found_inf_anywhere).
         scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         shards.inv_scale = 1.0 if scale is None else 1.0 / float(scale)
         if found_inf is not None:
@@ -284,6 +294,7 @@ class ShardedOptimizer(Optimizer):
             control.grad_norm_sq = self._grad_norm_sq(grads)
             control.start(lambda t: shards.all_reduce(t, "the step's control all-reduce"))
         control.wait()
+        self.found_inf_anywhere = None if found_inf is None else control.found_inf.clamp(max=1.0)
         control.check_agreement(self._steps_taken, lambda: self._shards.gather_json(
             self._agreement_values(readable=True), "the comparison of the ranks"))
         if control.any_edited:  # some rank edited a gradient after its reduction read it
@@ -291,6 +302,7 @@ class ShardedOptimizer(Optimizer):
             if need_norm:
                 control.grad_norm_sq = self._grad_norm_sq(grads)
                 shards.all_reduce(control.grad_norm_sq, "the gradient-norm all-reduce").wait()
+                control.grad_norm_sq_host = float(control.grad_norm_sq)
         return grads
 
     def _update_group(self, group: dict[str, Any], slots: list[Slot], grads: Grads,

@@ -121,8 +121,7 @@ def power_rows(w_rows: torch.Tensor, u_rows: torch.Tensor, row_start: int, shape
         sigma_sq[h0:h1] += wv.square().sum(dim=(1, 2)).to(sigma_sq.dtype)
         u_rows[lo:hi].copy_(wv.reshape(-1))
         out.append((lo, hi, wv, vt))
-    if bool(dead.any()):
-        _restart_dead(u_rows, row_start, shape, dead)
+    _restart_dead(u_rows, row_start, shape, dead)  # a select, not an `if`: no wait for the device
     return out
 
 
@@ -155,7 +154,12 @@ def decay_rows(w_rows: torch.Tensor, u_rows: torch.Tensor, row_start: int, shape
 
 def _restart_dead(u_rows: torch.Tensor, row_start: int, shape: SpectralShape, dead: torch.Tensor) -> None:
     rows = torch.arange(row_start, row_start + u_rows.shape[0], device=u_rows.device)
-    # 1 + frac(i * golden ratio): deterministic in the global row index, so identical at any world size.
-    restart = 1.0 + torch.frac(rows.double() * 0.6180339887498949).to(u_rows.dtype)
+    # 1 + frac(i * golden ratio), in 32-bit fixed point (exact integer math, float64-free for MPS):
+    # deterministic in the global row index, so identical at any world size.
+    frac = (rows * _GOLDEN_FIXED32) % (1 << 32)
+    restart = 1.0 + frac.to(torch.float32) * 2.0 ** -32
     mask = dead[rows // shape.rows]
-    u_rows.copy_(torch.where(mask, restart, u_rows))
+    u_rows.copy_(torch.where(mask, restart.to(u_rows.dtype), u_rows))
+
+
+_GOLDEN_FIXED32 = 2654435769  # round(0.6180339887 * 2**32)

@@ -172,6 +172,7 @@ class ZeroBuckets(Shards):
     def _make_hook(self, index: int, bi: int):
         owner = weakref.ref(self)  # a dropped optimizer's hooks must not keep it alive, nor act
 
+        @torch.compiler.disable  # bookkeeping and collectives: run as is under a compiled train step
         def hook(_param: torch.Tensor) -> None:
             shards = owner()
             if shards is None:
@@ -202,6 +203,7 @@ class ZeroBuckets(Shards):
             else:
                 break
 
+    @torch.compiler.disable
     def _end_of_backward(self) -> None:
         """Once per backward pass, after every gradient is final. With ``overlap``, launch every bucket not
         launched yet (params that got no gradient count as zero), as DDP does: no collective a user runs

@@ -220,17 +220,20 @@ def test_a_dropped_optimizer_leaves_no_active_hooks() -> None:
 # ---------------------------------------------------------------------------------------------- AMP
 
 
-def _amp(rank: int, world: int, scaler_on: bool, overlap: bool) -> dict:
+SCALERS = {"torch": torch.amp.GradScaler, "adams_dist": adams_dist.GradScaler}
+
+
+def _amp(rank: int, world: int, scaler_kind: str | None, overlap: bool) -> dict:
     """Three steps; at the second, rank 1's gradients hold an inf. With a GradScaler every rank must skip
     that step; the reference run skips it by not running it at all."""
     model = _model()
     opt = adams_dist.Adams_ZeRO(model.parameters(), lr=1e-2, overlap=overlap, bucket_mb=1e-4,
                                 collective_timeout=30)
     # powers of two: scaling and unscaling are exact, so the runs agree bit for bit
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1) if scaler_on else None
+    scaler = SCALERS[scaler_kind]("cpu", init_scale=2.0**8, growth_interval=1) if scaler_kind else None
     scales = []
     for step in range(4):
-        if step == 1 and not scaler_on:
+        if step == 1 and not scaler_kind:
             continue
         loss = _loss(model, rank, step)
         if scaler is None:
@@ -250,11 +253,22 @@ def _amp(rank: int, world: int, scaler_on: bool, overlap: bool) -> dict:
 
 @pytest.mark.parametrize("overlap", [False, True])
 def test_grad_scaler_skips_the_same_step_on_every_rank(overlap: bool) -> None:
-    amp = run(_amp, 2, True, overlap, timeout=120)
-    reference = run(_amp, 2, False, False, timeout=120)
+    amp = run(_amp, 2, "torch", overlap, timeout=120)
+    reference = run(_amp, 2, None, False, timeout=120)
     for rank in range(2):
         assert amp[rank]["skipped"] == 1 and amp[rank]["steps"] == [3] * len(amp[rank]["steps"]), amp[rank]
         for a, b in zip(amp[rank]["params"], reference[0]["params"]):
             assert torch.equal(a, b)
     # the rank that saw the inf backed off; each rank unscales its own gradients, so scales may differ
     assert amp[1]["scales"][1] == amp[1]["scales"][0] / 2 and amp[0]["scales"][1] == amp[0]["scales"][0] * 2
+
+
+def test_adams_dist_grad_scaler_keeps_one_scale_on_every_rank() -> None:
+    amp = run(_amp, 2, "adams_dist", True, timeout=120)
+    reference = run(_amp, 2, None, False, timeout=120)
+    for rank in range(2):
+        assert amp[rank]["skipped"] == 1
+        for a, b in zip(amp[rank]["params"], reference[0]["params"]):
+            assert torch.equal(a, b)
+    # both ranks back off at the overflow on rank 1, then grow together (growth_interval=1)
+    assert amp[0]["scales"] == amp[1]["scales"] == [2.0**9, 2.0**8, 2.0**9, 2.0**10], amp
