@@ -24,6 +24,7 @@ from .optimizers import (
     register_optimizer,
 )
 from .runtime import init_distributed
+from .sharded_checkpoint import load_sharded_optimizer, save_sharded_optimizer
 from .spectral import set_heads
 from .version import __version__ as __version__
 
@@ -45,8 +46,10 @@ __all__ = [
     "info",
     "init_distributed",
     "load_checkpoint",
+    "load_sharded_optimizer",
     "register_optimizer",
     "rules",
     "save_checkpoint",
+    "save_sharded_optimizer",
     "set_heads",
 ]

@@ -41,6 +41,11 @@ class Slot:
     def local_numel(self) -> int:
         return self.local_rows * self.row_len
 
+    def rows_shape(self, per_row: bool = False) -> tuple[int, ...]:
+        """Shape of this parameter's state in a sharded state dict: (rows, row_len), or (rows,) for
+        per-row state (u) and element-wise rows. Rank r holds chunk r of dim 0, as DTensor's Shard(0)."""
+        return (self.rows,) if per_row or self.row_len == 1 else (self.rows, self.row_len)
+
     @property
     def local_range(self) -> tuple[int, int]:
         """Element range of this rank's rows inside the flattened parameter."""

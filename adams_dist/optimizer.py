@@ -382,6 +382,17 @@ class ShardedOptimizer(Optimizer):
                                  "consolidate_state_dict(to=0) on every rank and then state_dict() on rank 0 alone")
         return state_io.state_dict(self)
 
+    def sharded_state_dict(self) -> dict[str, Any]:
+        """This rank's part of the state, for ``torch.distributed.checkpoint`` (see ``save_sharded_optimizer``).
+
+        Where the state is split over ranks its tensors are DTensors of each rank's rows, shaped (rows, row
+        length) whatever the parameter's shape; DCP writes every row once and, loading into this dict built at
+        another world size, reads each rank's rows. ``load_state_dict`` takes the loaded dict. No rank holds
+        more than its own rows. Collective when distributed (one small all-reduce of the spectral norms).
+        """
+        self._shards.set_context("sharded_state_dict(), a collective: call it on every rank")
+        return state_io.state_dict(self, sharded=True)
+
     def consolidate_state_dict(self, to: int = 0) -> None:
         """Collective: gather the full state onto rank ``to``, whose ``state_dict()`` then returns it without
         communicating until the next step (torch's ZeroRedundancyOptimizer protocol)."""
@@ -392,7 +403,8 @@ class ShardedOptimizer(Optimizer):
         self._consolidated = (self._steps_taken, full) if self.rank == to else None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict from ``state_dict()`` of a run at any world size. Validates before changing anything."""
+        """Load a state dict from ``state_dict()`` of a run at any world size, or one read by DCP into
+        ``sharded_state_dict()``. Validates before changing anything."""
         self._consolidated = None
         state_io.load_state_dict(self, state_dict)
 

@@ -164,11 +164,20 @@ class Shards:
     # ------------------------------------------------------------------ parameters out
 
     def rows_of(self, slot: Slot, full: torch.Tensor, per_row: bool = False) -> torch.Tensor:
-        """This rank's flat rows of a parameter-shaped tensor (``per_row``: one value per row, like u)."""
+        """This rank's flat rows of a parameter-shaped tensor (``per_row``: one value per row, like u),
+        or of a sharded state dict's entry."""
         if fsdp.is_dtensor(full):
+            if self._holds_my_rows(full, slot, per_row):
+                return fsdp.local_tensor(full).reshape(-1)
             full = full.full_tensor()  # type: ignore[attr-defined]
         lo, hi = (slot.row_start, slot.row_start + slot.local_rows) if per_row else slot.local_range
         return full.reshape(-1)[lo:hi]
+
+    def _holds_my_rows(self, t: Any, slot: Slot, per_row: bool) -> bool:
+        """Whether DTensor ``t`` is laid out as ``sharded_state`` lays this rank's rows out (no gather needed)."""
+        mesh = t.device_mesh
+        return (mesh.ndim == 1 and mesh.size() == self.world_size and mesh.get_local_rank() == self.rank
+                and tuple(t.placements) == (fsdp.Shard(0),) and tuple(t.shape) == slot.rows_shape(per_row))
 
     def write_back(self, state: dict[Any, dict[str, Any]]) -> None:
         """Copy the updated master rows into the parameters."""
@@ -192,10 +201,19 @@ class Shards:
 
     # ------------------------------------------------------------------ state dicts
 
-    def gather_state(self, state: dict[Any, dict[str, Any]]) -> dict[int, dict[str, torch.Tensor]]:
-        """Every parameter's whole per-element state (and u) by slot index, flat."""
+    def local_state(self, state: dict[Any, dict[str, Any]]) -> dict[int, dict[str, torch.Tensor]]:
+        """Copies of this rank's rows of every parameter's per-element state (and u) by slot index, flat."""
         return {s.index: {name: state[s.param][name].detach().clone() for name in self._names_of(s)}
                 for s in self.slots}
+
+    def gather_state(self, state: dict[Any, dict[str, Any]]) -> dict[int, dict[str, torch.Tensor]]:
+        """Every parameter's whole per-element state (and u) by slot index, flat."""
+        return self.local_state(state)
+
+    def sharded_state(self, state: dict[Any, dict[str, Any]]) -> dict[int, dict[str, torch.Tensor]]:
+        """Like ``gather_state``, but without gathering: where the state is split, DTensors of each rank's rows
+        (``Slot.rows_shape``) that torch.distributed.checkpoint writes once and reshards on loading."""
+        return self.gather_state(state)
 
     def state_bytes(self, state: dict[Any, dict[str, Any]]) -> int:
         """Bytes of state tensors this rank holds, counting shared storage once and not the params themselves."""
@@ -224,7 +242,7 @@ class Shards:
         for key, value in self.__dict__.items():
             if key == "_hooks":
                 new.__dict__[key] = []  # hooks belong to the original's parameters; the copy registers its own
-            elif key != "comm":  # the process group is shared, not copied
+            elif key not in ("comm", "_mesh"):  # the process group (and its mesh) is shared, not copied
                 new.__dict__[key] = copy.deepcopy(value, memo)
         new.record_versions()  # copied tensors restart their version counters
         return new

@@ -32,8 +32,13 @@ def _saved_ids(sd: dict[str, Any]) -> list[Any]:
 
 
 @torch.no_grad()
-def state_dict(opt: ShardedOptimizer) -> dict[str, Any]:
-    full = opt._shards.gather_state(opt.state)
+def state_dict(opt: ShardedOptimizer, sharded: bool = False) -> dict[str, Any]:
+    """The full state; ``sharded``: each rank's rows only (``Shards.sharded_state``), in ``Slot.rows_shape``."""
+    if sharded and opt._ablated and opt.world_size > 1 and not opt._shards.takes_dtensors:
+        raise ValueError("sharded_state_dict() does not support the second_moment/rotate options in ZeRO mode; "
+                         "use state_dict()")
+    shards = opt._shards
+    full = shards.sharded_state(opt.state) if sharded else shards.gather_state(opt.state)
     sigmas = opt.spectral_sigmas()
     state: dict[int, dict[str, Any]] = {}
     for slot in opt._shards.slots:
@@ -43,7 +48,12 @@ def state_dict(opt: ShardedOptimizer) -> dict[str, Any]:
         for name, t in full[slot.index].items():
             if layout is not None and name in layout.saved_shapes:
                 continue  # reduced second moment: exported below
-            entry[name] = t if fsdp.is_dtensor(t) else t.view(p.shape[:-1] if name == "u" else p.shape)
+            if fsdp.is_dtensor(t):
+                entry[name] = t
+            elif sharded:
+                entry[name] = t.view(slot.rows_shape(name == "u"))
+            else:
+                entry[name] = t.view(p.shape[:-1] if name == "u" else p.shape)
         if layout is not None:
             entry.update(layout.export(opt.state[p]))
         if p in sigmas:
@@ -145,7 +155,7 @@ def validate_state_dict(opt: ShardedOptimizer, sd: Any) -> None:
                 raise ValueError(f"state dict entry for {where} lacks '{name}'")
             if layout is not None and name in layout.saved_shapes:
                 continue  # checked by layout.validate below
-            if name != "step" and tuple(entry[name].shape) != tuple(slot.param.shape):
+            if name != "step" and tuple(entry[name].shape) not in (tuple(slot.param.shape), slot.rows_shape()):
                 raise ValueError(f"state dict '{name}' for {where} has shape {tuple(entry[name].shape)}")
         if legacy:
             _check_state_names(opt, entry, {*required, *(layout.saved_shapes if layout else ())}, where)

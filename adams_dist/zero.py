@@ -12,12 +12,22 @@ import weakref
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 from .comm import Comm
+from .fsdp import DTensor, Shard
 from .layout import Bucket, Slot, gather_rows, pack_buckets, scatter_rows
 from .shards import Grads, Shards
 
 MAX_IN_FLIGHT = 2  # buckets whose staging buffers may exist at once outside overlap mode
+
+
+def _rows_dtensor(local: torch.Tensor, slot: Slot, per_row: bool, mesh: DeviceMesh) -> DTensor:
+    """This rank's flat rows of one state tensor as chunk ``rank`` of dim 0 of ``slot.rows_shape``."""
+    shape = slot.rows_shape(per_row)
+    return DTensor.from_local(local.view(-1, *shape[1:]), mesh, [Shard(0)], run_check=False,
+                              shape=torch.Size(shape), stride=torch.empty(shape, device="meta").stride())
 
 
 class ZeroBuckets(Shards):
@@ -40,6 +50,7 @@ class ZeroBuckets(Shards):
         self._zero_grads_at_launch = 0  # zero_grad() calls before the latest launch: later ones make it stale
         self._end_queued = False  # this backward pass's end-of-backward callback is queued
         self._hooks: list[Any] = []
+        self._mesh: DeviceMesh | None = None  # the group as a 1-D mesh, for sharded state dicts
 
     @property
     def sharded(self) -> str | None:
@@ -257,6 +268,15 @@ class ZeroBuckets(Shards):
                         rows = out.view(w, -1)[:, slot.u_offset: slot.u_offset + slot.rows_per_rank]
                         full[slot.index]["u"] = rows.reshape(-1)[: slot.rows].clone()
         return full
+
+    def sharded_state(self, state: dict[Any, dict[str, Any]]) -> dict[int, dict[str, torch.Tensor]]:
+        if self._mesh is None:
+            device_type = self.buckets[0].device.type if self.buckets else "cpu"
+            group = self.comm.group or dist.group.WORLD
+            assert group is not None  # ZeRO mode runs in an initialised process group
+            self._mesh = DeviceMesh.from_group(group, device_type)
+        return {index: {name: _rows_dtensor(t, slot, name == "u", self._mesh) for name, t in entry.items()}
+                for (index, entry), slot in zip(self.local_state(state).items(), self.slots)}
 
     # ------------------------------------------------------------------ copying
 

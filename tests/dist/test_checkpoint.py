@@ -22,12 +22,12 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from adams_dist.testing import run
 from rule_table import hp_of
 from torch import nn
 
 import adams_dist
 from adams_dist.checkpoint import FORMAT, FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
+from adams_dist.testing import run
 
 RULES = hp_of("dist")  # rule name -> the multi-process tests' hyperparameters
 
@@ -601,6 +601,30 @@ def _distributed_errors(rank: int, world: int, group: Any, good: str, tmp: str) 
     assert_unchanged(model, opt, snap)
 
 
+def _save_sharded(directory: str, model: nn.Module, opt: Any, sched: Any, rank: int) -> None:
+    """The sharded save: optimizer rows by every rank through DCP; model and scheduler (replicated) by rank 0."""
+    adams_dist.save_sharded_optimizer(directory, opt)
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "scheduler": sched.state_dict()}, os.path.join(directory, "rest.pt"))
+
+
+def _load_sharded(directory: str, model: nn.Module, opt: Any, sched: Any) -> int:
+    rest = torch.load(os.path.join(directory, "rest.pt"), weights_only=True)
+    model.load_state_dict(rest["model"])
+    sched.load_state_dict(rest["scheduler"])
+    adams_dist.load_sharded_optimizer(directory, opt)
+    return K
+
+
+def _own_rows_only(opt: Any) -> bool:
+    """Whether the sharded state dict holds this rank's rows of the master weights and no more."""
+    from adams_dist.fsdp import local_tensor
+
+    entries = opt.sharded_state_dict()["state"].values()
+    held = sum(local_tensor(e["master_param"]).numel() for e in entries)
+    return held == sum(opt.state[p]["master_param"].numel() for g in opt.param_groups for p in g["params"])
+
+
 def dist_worker(rank: int, world: int, tasks: list[tuple[Any, ...]]) -> dict[str, Any]:
     """Run ``(name, kind, members, *args)`` tasks in order; ``members``: the ranks of its group (None: all)."""
     out: dict[str, Any] = {}
@@ -609,17 +633,25 @@ def dist_worker(rank: int, world: int, tasks: list[tuple[Any, ...]]) -> dict[str
         members = list(range(world)) if members is None else list(members)
         if rank in members:
             r, w = members.index(rank), len(members)
-            if kind == "save":  # train K, save, train J: the uninterrupted run
+            if kind in ("save", "save_sharded"):  # train K, save, train J: the uninterrupted run
                 model, opt, sched = make(group=group)
                 train(model, opt, sched, 0, K, r, w)
-                save_checkpoint(args[0], model, opt, scheduler=sched.state_dict(), step=K)
+                if kind == "save":
+                    save_checkpoint(args[0], model, opt, scheduler=sched.state_dict(), step=K)
+                else:
+                    assert _own_rows_only(opt)
+                    _save_sharded(args[0], model, opt, sched, r)
                 train(model, opt, sched, K, J, r, w)
                 out[name] = _result(model, opt)
-            elif kind == "load":  # fresh model and optimizer, load, train J
+            elif kind in ("load", "load_sharded"):  # fresh model and optimizer, load, train J
                 model, opt, sched = make(seed=100 + rank, group=group)
-                extra = load_checkpoint(args[0], model, opt)
-                sched.load_state_dict(extra["scheduler"])
-                train(model, opt, sched, extra["step"], J, r, w)
+                if kind == "load":
+                    extra = load_checkpoint(args[0], model, opt)
+                    sched.load_state_dict(extra["scheduler"])
+                    start = extra["step"]
+                else:
+                    start = _load_sharded(args[0], model, opt, sched)
+                train(model, opt, sched, start, J, r, w)
                 out[name] = _result(model, opt)
             elif kind == "errors":
                 _distributed_errors(r, w, group, *args)
@@ -642,7 +674,9 @@ def assert_results(got: list[dict[str, Any]], key: str, want: dict[str, Any], ex
 def test_distributed_resume_and_world_size_changes(tmp_path: Path) -> None:
     """2 -> 2 bit for bit in fresh processes; 2 -> 3, 1 -> 2, 4 -> 1 within fp32 tolerance; errors on all ranks."""
     w1, w2, w4 = (str(tmp_path / f"w{w}.pt") for w in (1, 2, 4))
+    s1, s2, s4 = (str(tmp_path / f"sharded-w{w}") for w in (1, 2, 4))
     ref1 = dist_worker(0, 1, [("ref", "save", None, w1)])["ref"]  # W=1, in this process
+    ref1s = dist_worker(0, 1, [("ref", "save_sharded", None, s1)])["ref"]
     got = run(dist_worker, 4, [
         ("dcp", "dcp", (0, 1)),
         ("ref2", "save", (0, 1), w2),
@@ -651,6 +685,11 @@ def test_distributed_resume_and_world_size_changes(tmp_path: Path) -> None:
         ("1->2", "load", (2, 3), w1),
         ("errors", "errors", None, w2, str(tmp_path)),
         ("ref4", "save", None, w4),
+        ("ref2s", "save_sharded", (0, 1), s2),
+        ("2->2s", "load_sharded", (2, 3), s2),
+        ("2->3s", "load_sharded", (1, 2, 3), s2),
+        ("1->2s", "load_sharded", (2, 3), s1),
+        ("ref4s", "save_sharded", None, s4),
     ], timeout=280)
     meta = {w: torch.load(p, weights_only=True)["metadata"]["world_size"] for w, p in ((1, w1), (2, w2), (4, w4))}
     assert meta == {1: 1, 2: 2, 4: 4}
@@ -665,3 +704,11 @@ def test_distributed_resume_and_world_size_changes(tmp_path: Path) -> None:
     assert_results([{"4->1": four_to_one}], "4->1", ref4, exact=False, what="4 -> 1")
     assert_results([{"ref4": ref4}], "ref4", ref1, exact=False, what="W=4 vs W=1 uninterrupted")
     assert_results([{"ref2": ref2}], "ref2", ref1, exact=False, what="W=2 vs W=1 uninterrupted")
+    # Sharded (DCP) checkpoints: the same runs, each rank writing only its rows.
+    assert_results([{"ref": ref1s}], "ref", ref1, exact=True, what="sharded save leaves the W=1 run unchanged")
+    assert_results(got, "ref2s", ref2, exact=True, what="sharded save leaves the W=2 run unchanged")
+    assert_results(got, "2->2s", ref2, exact=True, what="sharded 2 -> 2 in fresh processes")
+    assert_results(got, "2->3s", ref2, exact=False, what="sharded 2 -> 3")
+    assert_results(got, "1->2s", ref1, exact=False, what="sharded 1 -> 2")
+    four_to_one = dist_worker(0, 1, [("4->1s", "load_sharded", None, s4)])["4->1s"]
+    assert_results([{"4->1s": four_to_one}], "4->1s", got[0]["ref4s"], exact=False, what="sharded 4 -> 1")
