@@ -199,6 +199,26 @@ def test_zero_grad_on_one_rank_after_backward_raises_on_every_rank() -> None:
         assert "ranks disagree" in err and "zero_grad() calls" in err, err
 
 
+def _clip_on_one_rank(rank: int, world: int, overlap: bool) -> str:
+    model = _model()
+    opt = adams_dist.Adams_ZeRO(model.parameters(), lr=1e-2, overlap=overlap, collective_timeout=3)
+    for step in range(2):
+        _loss(model, rank, step).backward()
+        err = _error(opt.clip_grad_norm_, 0.1) if rank == 1 and step == 1 else "no error"  # one rank alone
+        err = _error(opt.step) if err == "no error" else err
+        if err != "no error":
+            return err
+        opt.zero_grad()
+    return "no error"
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_optimizer_clip_on_one_rank_raises_on_every_rank(overlap: bool) -> None:
+    on_step, on_clip = run(_clip_on_one_rank, 2, overlap, timeout=120)
+    assert on_step.startswith("CollectiveTimeout") and "control all-reduce during step 2" in on_step, on_step
+    assert on_clip.startswith("CollectiveTimeout") and "during clip_grad_norm_()" in on_clip, on_clip
+
+
 def _replaced_optimizer(rank: int, world: int, replace: bool) -> list[torch.Tensor]:
     model = _model()
     if replace:  # e.g. a notebook cell run twice, or an lr finder before the real run
