@@ -82,6 +82,13 @@ def check_single_process(groups: list[dict[str, Any]], sharded: str | None) -> N
                               "Build it without a process group (or with one of size 1) to use them.")
 
 
+def check_default_layout(groups: list[dict[str, Any]], option: str) -> None:
+    """Raise ValueError when a group asks for an ablation, whose state layouts ``option`` does not cover."""
+    if not all(is_default(g) for g in groups):
+        raise ValueError(f"second_moment/rotate ablations keep their state in the master dtype: {option} cannot be "
+                         "combined with them")
+
+
 def check_unchanged(group: dict[str, Any], built: Config) -> None:
     """The state layout was fixed at construction: changing the options afterwards is an error, not a no-op."""
     now = config(group)

@@ -39,6 +39,7 @@ class ShardedOptimizer(Optimizer):
         defaults: dict[str, Any],
         *,
         master_dtype: torch.dtype = torch.float32,
+        moment_dtype: torch.dtype | None = None,
         process_group: Any | None = None,
         bucket_mb: float = 32.0,
         overlap: bool = False,
@@ -51,13 +52,14 @@ class ShardedOptimizer(Optimizer):
     ):
         if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s) {sorted(unknown)}; engine "
-                            "options are master_dtype, process_group, bucket_mb, overlap, grad_comm_dtype, "
-                            "max_grad_norm, skip_nonfinite, kernel, collective_timeout")
+                            "options are master_dtype, moment_dtype, process_group, bucket_mb, overlap, "
+                            "grad_comm_dtype, max_grad_norm, skip_nonfinite, kernel, collective_timeout")
         kernel = validation.check_engine_options(master_dtype, bucket_mb, grad_comm_dtype, max_grad_norm, kernel,
                                                  collective_timeout)
         self.collective_timeout = float(collective_timeout)
         self.kernel = kernel
         self.master_dtype = master_dtype
+        self.moment_dtype = validation.check_moment_dtype(moment_dtype, master_dtype, self.rule)
         self.bucket_mb = float(bucket_mb)
         self.overlap = bool(overlap)
         self.grad_comm_dtype = grad_comm_dtype or torch.float32
@@ -103,13 +105,15 @@ class ShardedOptimizer(Optimizer):
         groups = [self.param_groups[gi] for gi in group_indices]
         new_params = [p for g in groups for p in g["params"]]
         if not hasattr(self, "_shards"):
-            self._shards = make_shards(new_params, self._process_group, ("master_param", *self.rule.state_names),
-                                       self.master_dtype, self.bucket_mb, self.grad_comm_dtype, self.overlap,
-                                       self.collective_timeout)
+            dtypes = {"master_param": self.master_dtype, **dict.fromkeys(self.rule.state_names, self.moment_dtype)}
+            self._shards = make_shards(new_params, self._process_group, dtypes, self.master_dtype, self.bucket_mb,
+                                       self.grad_comm_dtype, self.overlap, self.collective_timeout)
         elif (fsdp.mesh_group(new_params) is not None) != self._shards.takes_dtensors:
             raise ValueError("cannot mix DTensor (FSDP2) parameters with plain ones in one optimizer")
         shards = self._shards
         ablations.check_single_process(groups, shards.sharded)
+        if self.moment_dtype != self.master_dtype:
+            ablations.check_default_layout(groups, f"moment_dtype={self.moment_dtype}")
         self._ablation_cfg.update({gi: ablations.config(self.param_groups[gi]) for gi in group_indices
                                    if "second_moment" in self.param_groups[gi]})
         pairs = [(gi, p) for gi in group_indices for p in self.param_groups[gi]["params"]]

@@ -29,17 +29,19 @@ Grads = list[torch.Tensor | None]
 class Shards:
     """Rows of every parameter on this rank, with the state buffers and collectives of one mode.
 
-    ``names`` are the per-element state buffers (``master_param`` first, then the rule's moments).
+    ``dtypes`` maps the per-element state buffers (``master_param`` first, then the rule's moments) to
+    their storage dtypes; gradients and u are kept in ``master_dtype``.
     """
 
     takes_dtensors = False  # whether parameters arrive as DTensors (one optimizer cannot mix both)
 
-    def __init__(self, comm: Comm | None, master_dtype: torch.dtype, names: tuple[str, ...]):
+    def __init__(self, comm: Comm | None, master_dtype: torch.dtype, dtypes: dict[str, torch.dtype]):
         self.comm = comm
         self.world_size = comm.world_size if comm else 1
         self.rank = comm.rank if comm else 0
         self.master_dtype = master_dtype
-        self.names = names
+        self.dtypes = dtypes
+        self.names = tuple(dtypes)
         self.slots: list[Slot] = []
         self._grads: Grads | None = None  # this step's gradient rows per slot, kept until discard()
         self._versions: dict[int, int] = {}  # param version after our last write: a change means a user edit
@@ -70,7 +72,7 @@ class Shards:
     def state_of(self, slot: Slot) -> dict[str, torch.Tensor]:
         """Fresh state tensors of one parameter's local rows; the master aliases an fp32 contiguous param."""
         p = fsdp.local_tensor(slot.param.detach())
-        state = {name: torch.zeros(p.numel(), dtype=self.master_dtype, device=p.device) for name in self.names}
+        state = {name: torch.zeros(p.numel(), dtype=dtype, device=p.device) for name, dtype in self.dtypes.items()}
         if p.dtype == self.master_dtype and p.is_contiguous():
             state["master_param"] = p.view(-1)
         else:
@@ -260,8 +262,8 @@ class Shards:
 class LocalRows(Shards):
     """One process: every row is local."""
 
-    def __init__(self, master_dtype: torch.dtype, names: tuple[str, ...]):
-        super().__init__(None, master_dtype, names)
+    def __init__(self, master_dtype: torch.dtype, dtypes: dict[str, torch.dtype]):
+        super().__init__(None, master_dtype, dtypes)
 
 
 class DTensorRows(Shards):
@@ -288,7 +290,7 @@ class DTensorRows(Shards):
                 for s in self.slots}
 
 
-def make_shards(params: list[torch.Tensor], process_group: Any | None, names: tuple[str, ...],
+def make_shards(params: list[torch.Tensor], process_group: Any | None, dtypes: dict[str, torch.dtype],
                 master_dtype: torch.dtype, bucket_mb: float, grad_comm_dtype: torch.dtype, overlap: bool,
                 timeout: float) -> Shards:
     """The sharding mode for ``params``: DTensor rows for FSDP2 parameters, ZeRO buckets over a group of
@@ -298,9 +300,9 @@ def make_shards(params: list[torch.Tensor], process_group: Any | None, names: tu
     mesh_group = fsdp.mesh_group(params)
     if mesh_group is not None:
         comm = Comm(mesh_group, timeout)
-        return DTensorRows(comm if comm.world_size > 1 else None, master_dtype, names)
+        return DTensorRows(comm if comm.world_size > 1 else None, master_dtype, dtypes)
     if process_group is not None or (dist.is_available() and dist.is_initialized()):
         comm = Comm(process_group, timeout)
         if comm.world_size > 1:
-            return ZeroBuckets(comm, master_dtype, names, bucket_mb, grad_comm_dtype, overlap)
-    return LocalRows(master_dtype, names)
+            return ZeroBuckets(comm, master_dtype, dtypes, bucket_mb, grad_comm_dtype, overlap)
+    return LocalRows(master_dtype, dtypes)

@@ -18,6 +18,9 @@ from .spectral import SpectralShape
 ENGINE_KEYS = ("params", "param_names", "initial_lr")  # param-group entries that are not hyperparameters
 
 
+MOMENT_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+
 def check_engine_options(master_dtype: Any, bucket_mb: Any, grad_comm_dtype: Any, max_grad_norm: Any,
                          kernel: str, collective_timeout: Any) -> str:
     """Validate the engine's options; returns the kernel choice (``ADAMS_DIST_KERNEL`` overrides "auto")."""
@@ -38,6 +41,19 @@ def check_engine_options(master_dtype: Any, bucket_mb: Any, grad_comm_dtype: Any
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     return kernel
+
+
+def check_moment_dtype(moment_dtype: Any, master_dtype: torch.dtype, rule: Any) -> torch.dtype:
+    """The dtype the rule's moments are stored in: ``master_dtype`` when None; bfloat16 stores half the bytes."""
+    if moment_dtype is None:
+        return master_dtype
+    if moment_dtype == torch.float16:
+        raise ValueError(f"moment_dtype=torch.float16 cannot hold the {rule.name} rule's second moment: squared "
+                         "gradients below 6e-8 flush to zero in float16; use torch.bfloat16 (float32's range)")
+    if moment_dtype not in MOMENT_DTYPES:
+        raise ValueError(f"moment_dtype must be one of {', '.join(map(str, MOMENT_DTYPES))} or None (the master "
+                         f"dtype), got {moment_dtype!r}")
+    return moment_dtype
 
 
 def check_params(params: list[Any], groups: list[dict[str, Any]], device: torch.device | None) -> torch.device | None:

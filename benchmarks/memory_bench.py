@@ -1,6 +1,6 @@
 """Peak extra memory of one optimizer step: adams_dist vs the adams-torch reference (and torch AdamW for scale).
 
-    python benchmarks/memory_bench.py [--size 2e7] [--configs 1:fp32 2:fp32 2:bf16]
+    python benchmarks/memory_bench.py [--size 2e7] [--configs 1:fp32 2:fp32 2:bf16] [--optimizers NAME ...]
 
 Every (optimizer, W, dtype) runs in fresh processes (gloo when W > 1) on the step_bench parameter mix
 with preset gradients. After one warm-up step (state exists), rank 0 measures step 2 with
@@ -9,7 +9,9 @@ above the start of the step, the sum of all allocations in it, and the largest s
 the outermost aten op around it;
 and step 3 by RSS: VmHWM reset through /proc/self/clear_refs, peak minus RSS before the step (glibc
 is told to mmap every block >= 64 KiB, so freed temporaries leave RSS at once).
-Numbers are MiB on rank 0; "x params" divides by the bytes of all parameters in their dtype.
+Numbers are MiB on rank 0; "x params" divides by the bytes of all parameters in their dtype. "state B/param"
+is the optimizer state rank 0 holds (``state_bytes()``; masters that alias fp32 parameters not counted),
+divided by the number of all parameters: 12/W would be an fp32 master plus fp32 m and v.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 OPTIMIZERS = {
     "adams_dist Adams_ZeRO": lambda ps: adams_dist.Adams_ZeRO(ps),
+    "adams_dist Adams_ZeRO bf16 moments": lambda ps: adams_dist.Adams_ZeRO(ps, moment_dtype=torch.bfloat16),
     "adams-torch Adams_ZeRO": lambda ps: adams.Adams_ZeRO(ps),
     "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, foreach=True),
     "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, fused=True),
@@ -80,7 +83,12 @@ def worker(rank: int, world: int, name: str, size: int, dtype: str) -> dict:
     rss = _status("VmHWM") - before
     return dict(optimizer=name, world=world, dtype=dtype, n_params=sum(p.numel() for p in params),
                 param_bytes=sum(p.numel() * p.element_size() for p in params), peak=peak, total=total,
-                biggest=biggest, biggest_op=op, rss_peak=rss)
+                biggest=biggest, biggest_op=op, rss_peak=rss,
+                state_bytes=opt.state_bytes() if hasattr(opt, "state_bytes") else None)
+
+
+def _per_param(row: dict) -> str:
+    return "-" if row["state_bytes"] is None else f"{row['state_bytes'] / row['n_params']:.2f}"
 
 
 def plot(rows: list[dict], path) -> None:
@@ -102,23 +110,25 @@ def main() -> None:
     ap.add_argument("--size", type=float, default=2e7)
     ap.add_argument("--configs", nargs="+", default=["1:fp32", "2:fp32", "2:bf16"],
                     help="W:dtype; torch AdamW runs only at W=1 (it is not sharded)")
+    ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS), metavar="NAME")
     args = ap.parse_args()
     env = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
     rows = []
     for config in args.configs:
         world, dtype = config.split(":")
         dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(dtype, dtype)
-        for name in OPTIMIZERS:
+        for name in args.optimizers:
             if name.startswith("torch") and (int(world) > 1 or dtype != "float32"):
                 continue
             rows.append(run(worker, int(world), name, int(args.size), dtype, process_group=int(world) > 1,
                             env=env, timeout=900)[0])
     print(machine())
     print(f"{rows[0]['n_params'] / 1e6:.1f}M params (step_bench mix)")
-    print(table(["W", "dtype", "optimizer", "peak MiB (profiler)", "x params", "RSS peak MiB",
+    print(table(["W", "dtype", "optimizer", "state B/param", "peak MiB (profiler)", "x params", "RSS peak MiB",
                  "allocated MiB in step", "largest alloc MiB", "by op"],
-                [[r["world"], r["dtype"], r["optimizer"], r["peak"] / MIB, f"{r['peak'] / r['param_bytes']:.2f}",
-                  r["rss_peak"] / MIB, r["total"] / MIB, r["biggest"] / MIB, r["biggest_op"]] for r in rows]))
+                [[r["world"], r["dtype"], r["optimizer"], _per_param(r), r["peak"] / MIB,
+                  f"{r['peak'] / r['param_bytes']:.2f}", r["rss_peak"] / MIB, r["total"] / MIB, r["biggest"] / MIB,
+                  r["biggest_op"]] for r in rows]))
     plot(rows, save("memory_bench", {"args": vars(args), "rows": rows}).with_suffix(".png"))
 
 

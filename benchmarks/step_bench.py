@@ -25,6 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 BYTES_PER_PARAM = 28
+BASELINES = ("torch AdamW fused", "adams-torch Adams_ZeRO")  # every run times these: the ratios divide by them
 
 COMPETITORS = {
     "adams_dist Adams_ZeRO": adams_dist.Adams_ZeRO,
@@ -39,6 +40,10 @@ COMPETITORS = {
     "adams_dist AdamW compiled": lambda ps: adams_dist.AdamW(ps, kernel="compiled"),
     "adams_dist AdamSRF compiled": lambda ps: adams_dist.AdamSRF(ps, kernel="compiled"),
     "adams_dist HomeAdamEW compiled": lambda ps: adams_dist.HomeAdamEW(ps, kernel="compiled"),
+    # state stored in bfloat16 (moment_dtype): fewer bytes per step, each step computes in fp32
+    "adams_dist Adams_ZeRO bf16 moments": lambda ps: adams_dist.Adams_ZeRO(ps, moment_dtype=torch.bfloat16),
+    "adams_dist Adams_ZeRO compiled bf16 moments": lambda ps: adams_dist.Adams_ZeRO(ps, kernel="compiled",
+                                                                                    moment_dtype=torch.bfloat16),
     "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, foreach=True),
     "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, fused=True),
     "adams-torch Adams_ZeRO": lambda ps: adams.Adams_ZeRO(ps),
@@ -62,9 +67,10 @@ def copy_probe(n: int):
     return lambda: dst.copy_(src), 2 * 4 * 4 * n
 
 
-def bench(n_target: int, repeats: int) -> list[dict]:
+def bench(n_target: int, repeats: int, names: list[str]) -> list[dict]:
     opts, n = {}, 0
-    for name, make in COMPETITORS.items():
+    for name in dict.fromkeys([*names, *BASELINES]):
+        make = COMPETITORS[name]
         opts[name], n = build(make, n_target)
     probe, probe_bytes = copy_probe(n)
     fns = {name: opt.step for name, opt in opts.items()} | {"copy_ probe": probe}
@@ -113,12 +119,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny sizes, 3 repeats (smoke test)")
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler top ops of Adams_ZeRO.step()")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--only", nargs="+", default=list(COMPETITORS), choices=list(COMPETITORS), metavar="NAME",
+                    help="time these (plus the baselines) instead of every competitor")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.sizes, args.repeats = [2e5], 3
-    rows = [r for size in args.sizes for r in bench(int(size), args.repeats)]
+    rows = [r for size in args.sizes for r in bench(int(size), args.repeats, args.only)]
     print(machine())
     print(f"bytes model: {BYTES_PER_PARAM} B/param; copy_ probe GB/s: "
           + ", ".join(f"{r['size'] / 1e6:.1f}M: {r['copy_gbs']:.1f}" for r in rows if "Adams_ZeRO" in r["optimizer"]

@@ -140,13 +140,14 @@ class _P:
 class Reference:
     """A float64, one-parameter-at-a-time implementation of every adams_dist rule."""
 
-    def __init__(self, rule: str, params: Sequence[Any], **defaults: Any):
+    def __init__(self, rule: str, params: Sequence[Any], moment_dtype: torch.dtype | None = None, **defaults: Any):
         rule = rule.lower().replace("-", "").replace("_", "")
         if rule == "adamszero":
             rule = "adams"
         if rule not in DEFAULTS:
             raise ValueError(f"unknown rule {rule!r}; valid: {RULES}")
         self.rule = rule
+        self.moment_dtype = moment_dtype  # m and v stored rounded to this dtype after each step (None: float64)
         self.defaults = {**DEFAULTS[rule], **defaults}
         params = list(params)
         if not params or not isinstance(params[0], dict):
@@ -249,6 +250,9 @@ class Reference:
             if self.rule == "homeadamew" and p.v.numel():
                 self.ew_margin = min(self.ew_margin, float((p.v / c2 / _f(group["tau"]) - 1.0).abs().min()))
             p.value.sub_(lr * formula(p.m, p.v, c1, c2, group, adaptive[k] if adaptive else None))
+        if self.moment_dtype is not None:  # the step used the exact moments; storage rounds them (to nearest)
+            for p, _g in live:
+                p.m, p.v = p.m.to(self.moment_dtype).to(F64), p.v.to(self.moment_dtype).to(F64)
 
     @staticmethod
     def _spectral(p: _P, scale: float) -> None:

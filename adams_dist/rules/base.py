@@ -49,6 +49,19 @@ def adam_moments_foreach(grads: Tensors, ms: Tensors, vs: Tensors, beta1: float,
     torch._foreach_addcmul_(vs, grads, grads, value=1.0 - beta2)
 
 
+def widened(update: Callable[..., torch.Tensor], dtype: torch.dtype) -> Callable[..., torch.Tensor]:
+    """``update`` on ``dtype`` copies of state stored in lower precision (``moment_dtype``), rounded back
+    into the stored state afterwards: the step computes in the master's precision."""
+    def run(g: torch.Tensor, *state: torch.Tensor) -> torch.Tensor:
+        wide = [s.to(dtype) for s in state]
+        delta = update(g, *wide)
+        for s, w in zip(state, wide):
+            s.copy_(w)
+        return delta
+
+    return run
+
+
 def apply_decays(params: Sequence[torch.Tensor], decays: Sequence[Decay]) -> None:
     """Each tensor's decay before its update; the scalar ones in one foreach call per distinct factor
     (a list of factors would take foreach's slow path)."""

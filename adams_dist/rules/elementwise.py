@@ -24,7 +24,7 @@ import torch
 
 from .. import spectral
 from ..decay import Decay
-from .base import Rule, Tensors, apply_decays
+from .base import Rule, Tensors, apply_decays, widened
 from .compiled import COMPILED_MIN_NUMEL, compiled_kernel
 
 _STEP_ARGS = ("lr", "step")
@@ -74,14 +74,19 @@ class ElementwiseRule(Rule):
         self.defaults = {a.name: a.default for a in args if a.default is not inspect.Parameter.empty}
         self.required = tuple(k for k in self.hyperparams if k not in self.defaults)
 
-    def make_update(self, group: dict[str, Any], lr: float, step: float) -> Callable[..., torch.Tensor]:
-        """This step's ``update(g, *state)`` for one tensor of ``group``."""
+    def make_update(self, group: dict[str, Any], lr: float, step: float,
+                    widen_to: torch.dtype | None = None) -> Callable[..., torch.Tensor]:
+        """This step's ``update(g, *state)`` for one tensor of ``group``; ``widen_to``: the dtype it
+        computes in when the state is stored in a narrower one."""
         given = {"lr": lr, "step": step}
         hyper = {k: group[k] for k in self.hyperparams if k in group}
-        return self.rule_fn(**{k: given[k] for k in self.takes}, **hyper)
+        update = self.rule_fn(**{k: given[k] for k in self.takes}, **hyper)
+        return update if widen_to is None else widened(update, widen_to)
 
     def apply(self, params, grads, state, steps, group, lr, reduce_min, decays, compiled=False, strict=False):
         tensors = [(g, *(state[name][i] for name in self.state_names)) for i, g in enumerate(grads)]
+        narrow = any(t.dtype != params[0].dtype for t in tensors[0][1:]) if tensors else False
+        widen_to = params[0].dtype if narrow else None
         small, kernel_ok = [], True
         updates: dict[float, Callable[..., torch.Tensor]] = {}  # one per step count (usually one in all)
         for i, p in enumerate(params):
@@ -89,11 +94,11 @@ class ElementwiseRule(Rule):
                 small.append(i)
                 continue
             if steps[i] not in updates:
-                updates[steps[i]] = self.make_update(group, lr, steps[i])
+                updates[steps[i]] = self.make_update(group, lr, steps[i], widen_to)
             kernel_ok = self.update_large(p, tensors[i], decays[i], updates[steps[i]], compiled and kernel_ok, strict)
         if small:
             pick = lambda ts: [ts[i] for i in small]  # noqa: E731
-            self.update_small(pick(params), pick(tensors), pick(list(steps)), pick(list(decays)), group, lr)
+            self.update_small(pick(params), pick(tensors), pick(list(steps)), pick(list(decays)), group, lr, widen_to)
         return kernel_ok or not compiled
 
     def update_large(self, p: torch.Tensor, tensors: tuple[torch.Tensor, ...], decay: Decay,
@@ -131,14 +136,15 @@ class ElementwiseRule(Rule):
         return compiled
 
     def update_small(self, params: Tensors, tensors: Sequence[tuple[torch.Tensor, ...]], steps: Sequence[float],
-                     decays: Sequence[Decay], group: dict[str, Any], lr: float) -> None:
+                     decays: Sequence[Decay], group: dict[str, Any], lr: float,
+                     widen_to: torch.dtype | None = None) -> None:
         """Small tensors, one ``update`` call per step count (usually one): concatenated, updated, split back."""
         apply_decays(params, decays)
         batches: dict[tuple[float, torch.device, torch.dtype], list[int]] = {}
         for i, p in enumerate(params):
             batches.setdefault((steps[i], p.device, p.dtype), []).append(i)
         for (step, _, _), idx in batches.items():
-            update = self.make_update(group, lr, step)
+            update = self.make_update(group, lr, step, widen_to)
             if len(idx) == 1:
                 params[idx[0]].add_(update(*tensors[idx[0]]))
                 continue

@@ -108,7 +108,14 @@ class HomeAdamRule(Rule):
         apply_decays(params, decays)
         beta1, beta2 = group["betas"]
         exp_avgs, exp_avg_sqs = state["exp_avg"], state["exp_avg_sq"]
+        wide = params[0].dtype if params else None
+        narrow = bool(params) and exp_avgs[0].dtype != wide  # moment_dtype: compute in the master's dtype
+        if narrow:
+            exp_avgs, exp_avg_sqs = [m.to(wide) for m in exp_avgs], [v.to(wide) for v in exp_avg_sqs]
         adam_moments_foreach(grads, exp_avgs, exp_avg_sqs, beta1, beta2)
+        if narrow:
+            torch._foreach_copy_(state["exp_avg"], exp_avgs)
+            torch._foreach_copy_(state["exp_avg_sq"], exp_avg_sqs)
         c1, c2 = [1.0 - beta1**t for t in steps], [1.0 - beta2**t for t in steps]
         eps, tau = float(group["eps"]), float(group["tau"])
         inf = torch.tensor(math.inf, dtype=torch.float64)

@@ -480,3 +480,29 @@ def test_skip_nonfinite_skips_the_whole_step(bad):
     for p, r in zip(ps, ref.params):
         assert bool(torch.isfinite(p).all())
         torch.testing.assert_close(p.detach().double(), r, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ moment_dtype
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_bf16_moments_match_the_reference_with_moments_stored_in_bf16(rule):
+    """float64 masters isolate the moments' rounding: each step computes with the exact moments and stores
+    them rounded to bfloat16, as the reference does; rounding must show against unrounded moments."""
+    f64 = {"master_dtype": torch.float64}
+    params, opt, _, rounded = _run(rule, torch.float64, ctor={**f64, "moment_dtype": torch.bfloat16})
+    _, _, _, exact = _run(rule, torch.float64, ctor=f64)
+    assert {opt.state[p][k].dtype for p in params for k in ("exp_avg", "exp_avg_sq")} == {torch.bfloat16}
+    for i, (p, r) in enumerate(zip(params, rounded)):
+        torch.testing.assert_close(p.detach(), r, rtol=1e-7, atol=1e-8, msg=lambda s, i=i: f"param {i}: {s}")
+    assert max(float((r - e).abs().max()) for r, e in zip(rounded, exact)) > 1e-6  # the rounding is visible
+
+
+def test_bad_moment_dtypes_are_refused_at_construction():
+    w = nn.Parameter(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="float16 cannot hold"):
+        adams_dist.Adams_ZeRO([w], moment_dtype=torch.float16)
+    with pytest.raises(ValueError, match="moment_dtype must be one of"):
+        adams_dist.AdamW([w], moment_dtype=torch.int8)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        adams_dist.AdamW([w], moment_dtype=torch.bfloat16, second_moment="row")
