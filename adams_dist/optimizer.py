@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.optim.optimizer import Optimizer
 
-from . import ablations, ddp, decay, fsdp, state_io, validation
+from . import ablations, ddp, decay, fsdp, rounding, state_io, validation
 from .comm import DEFAULT_TIMEOUT
 from .control import Control, agreement_values
 from .layout import Slot
@@ -38,7 +38,7 @@ class ShardedOptimizer(Optimizer):
         params: Any,
         defaults: dict[str, Any],
         *,
-        master_dtype: torch.dtype = torch.float32,
+        master_dtype: torch.dtype | None = torch.float32,
         moment_dtype: torch.dtype | None = None,
         process_group: Any | None = None,
         bucket_mb: float = 32.0,
@@ -48,18 +48,21 @@ class ShardedOptimizer(Optimizer):
         skip_nonfinite: bool = False,
         kernel: str = "auto",
         collective_timeout: float = DEFAULT_TIMEOUT,
+        rounding_seed: int = 0,
         **unknown: Any,
     ):
         if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s) {sorted(unknown)}; engine "
                             "options are master_dtype, moment_dtype, process_group, bucket_mb, overlap, "
-                            "grad_comm_dtype, max_grad_norm, skip_nonfinite, kernel, collective_timeout")
+                            "grad_comm_dtype, max_grad_norm, skip_nonfinite, kernel, collective_timeout, rounding_seed")
         kernel = validation.check_engine_options(master_dtype, bucket_mb, grad_comm_dtype, max_grad_norm, kernel,
                                                  collective_timeout)
         self.collective_timeout = float(collective_timeout)
         self.kernel = kernel
-        self.master_dtype = master_dtype
-        self.moment_dtype = validation.check_moment_dtype(moment_dtype, master_dtype, self.rule)
+        self.master_dtype = master_dtype  # None: no master copy, the bf16 parameters are rounded stochastically
+        self.compute_dtype = master_dtype or torch.float32  # what the update computes in
+        self.moment_dtype = validation.check_moment_dtype(moment_dtype, self.compute_dtype, self.rule)
+        self.rounding_seed = validation.check_rounding_seed(rounding_seed)
         self.bucket_mb = float(bucket_mb)
         self.overlap = bool(overlap)
         self.grad_comm_dtype = grad_comm_dtype or torch.float32
@@ -106,14 +109,17 @@ class ShardedOptimizer(Optimizer):
         new_params = [p for g in groups for p in g["params"]]
         if not hasattr(self, "_shards"):
             dtypes = {"master_param": self.master_dtype, **dict.fromkeys(self.rule.state_names, self.moment_dtype)}
-            self._shards = make_shards(new_params, self._process_group, dtypes, self.master_dtype, self.bucket_mb,
+            self._shards = make_shards(new_params, self._process_group, dtypes, self.compute_dtype, self.bucket_mb,
                                        self.grad_comm_dtype, self.overlap, self.collective_timeout)
         elif (fsdp.mesh_group(new_params) is not None) != self._shards.takes_dtensors:
             raise ValueError("cannot mix DTensor (FSDP2) parameters with plain ones in one optimizer")
         shards = self._shards
         ablations.check_single_process(groups, shards.sharded)
-        if self.moment_dtype != self.master_dtype:
+        if self.moment_dtype != self.compute_dtype:
             ablations.check_default_layout(groups, f"moment_dtype={self.moment_dtype}")
+        if self.master_dtype is None:
+            validation.check_no_master(new_params)
+            ablations.check_default_layout(groups, "master_dtype=None")
         self._ablation_cfg.update({gi: ablations.config(self.param_groups[gi]) for gi in group_indices
                                    if "second_moment" in self.param_groups[gi]})
         pairs = [(gi, p) for gi in group_indices for p in self.param_groups[gi]["params"]]
@@ -124,7 +130,7 @@ class ShardedOptimizer(Optimizer):
             group = self.param_groups[slot.group_index]
             layout = ablations.layout_of(slot.param, group)
             if layout is not None:  # reduced second moment and/or rotation matrices replace the default state
-                layout.init_state(state, slot.index, int(group["rotation_seed"]), self.master_dtype,
+                layout.init_state(state, slot.index, int(group["rotation_seed"]), self.compute_dtype,
                                   slot.param.device)
                 self._ablated[slot.index] = layout
             self.state[slot.param] = state
@@ -316,6 +322,10 @@ class ShardedOptimizer(Optimizer):
         for st in states:
             st["step"] += 1
         steps = [float(st["step"]) for st in states]
+        stored = None
+        if self.master_dtype is None:  # no master: compute on float32 copies, round them back stochastically
+            stored = [st["master_param"] for st in states]
+            states = [dict(st, master_param=m.to(self.compute_dtype)) for st, m in zip(states, stored)]
         decays = [decay.plan(s, st, group, lr, self.uses_spectral_decay, wtu.get(s.index))
                   for s, st in zip(slots, states)]
         if self._ablation_cfg:  # AdamATan2/AdamW ablations: their params take a per-tensor path
@@ -337,6 +347,9 @@ class ShardedOptimizer(Optimizer):
                              compiled=compiled, strict=self.kernel == "compiled")
         if compiled and not ok:  # a broken toolchain must not stop training when the user did not ask for it
             self.kernel = "foreach"
+        for slot, out, value, t in zip(slots, stored or (), masters, steps):
+            rounding.stochastic_round_(out, value, rounding.key(self.rounding_seed, slot.index, int(t)),
+                                       slot.local_range[0])
 
     def _reduce_min(self, t: torch.Tensor) -> torch.Tensor:
         return self._shards.reduce_min(t, self._device)

@@ -30,12 +30,13 @@ class Shards:
     """Rows of every parameter on this rank, with the state buffers and collectives of one mode.
 
     ``dtypes`` maps the per-element state buffers (``master_param`` first, then the rule's moments) to
-    their storage dtypes; gradients and u are kept in ``master_dtype``.
+    their storage dtypes (None: the parameter's own, i.e. no master copy); gradients and u are kept in
+    ``master_dtype``, the dtype the update computes in.
     """
 
     takes_dtensors = False  # whether parameters arrive as DTensors (one optimizer cannot mix both)
 
-    def __init__(self, comm: Comm | None, master_dtype: torch.dtype, dtypes: dict[str, torch.dtype]):
+    def __init__(self, comm: Comm | None, master_dtype: torch.dtype, dtypes: dict[str, torch.dtype | None]):
         self.comm = comm
         self.world_size = comm.world_size if comm else 1
         self.rank = comm.rank if comm else 0
@@ -72,8 +73,9 @@ class Shards:
     def state_of(self, slot: Slot) -> dict[str, torch.Tensor]:
         """Fresh state tensors of one parameter's local rows; the master aliases an fp32 contiguous param."""
         p = fsdp.local_tensor(slot.param.detach())
-        state = {name: torch.zeros(p.numel(), dtype=dtype, device=p.device) for name, dtype in self.dtypes.items()}
-        if p.dtype == self.master_dtype and p.is_contiguous():
+        dtypes = {name: dtype or p.dtype for name, dtype in self.dtypes.items()}  # None: the parameter's dtype
+        state = {name: torch.zeros(p.numel(), dtype=dtype, device=p.device) for name, dtype in dtypes.items()}
+        if p.dtype == dtypes["master_param"] and p.is_contiguous():
             state["master_param"] = p.view(-1)
         else:
             state["master_param"].copy_(p.reshape(-1))
@@ -262,7 +264,7 @@ class Shards:
 class LocalRows(Shards):
     """One process: every row is local."""
 
-    def __init__(self, master_dtype: torch.dtype, dtypes: dict[str, torch.dtype]):
+    def __init__(self, master_dtype: torch.dtype, dtypes: dict[str, torch.dtype | None]):
         super().__init__(None, master_dtype, dtypes)
 
 
@@ -290,7 +292,7 @@ class DTensorRows(Shards):
                 for s in self.slots}
 
 
-def make_shards(params: list[torch.Tensor], process_group: Any | None, dtypes: dict[str, torch.dtype],
+def make_shards(params: list[torch.Tensor], process_group: Any | None, dtypes: dict[str, torch.dtype | None],
                 master_dtype: torch.dtype, bucket_mb: float, grad_comm_dtype: torch.dtype, overlap: bool,
                 timeout: float) -> Shards:
     """The sharding mode for ``params``: DTensor rows for FSDP2 parameters, ZeRO buckets over a group of

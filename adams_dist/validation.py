@@ -27,8 +27,8 @@ def check_engine_options(master_dtype: Any, bucket_mb: Any, grad_comm_dtype: Any
     if not (isinstance(collective_timeout, (int, float)) and not isinstance(collective_timeout, bool)
             and 0 < collective_timeout < float("inf")):
         raise ValueError(f"collective_timeout must be a finite number of seconds > 0, got {collective_timeout!r}")
-    if not (isinstance(master_dtype, torch.dtype) and master_dtype.is_floating_point):
-        raise TypeError(f"master_dtype must be a floating torch.dtype, got {master_dtype!r}")
+    if master_dtype is not None and not (isinstance(master_dtype, torch.dtype) and master_dtype.is_floating_point):
+        raise TypeError(f"master_dtype must be a floating torch.dtype or None (no master copy), got {master_dtype!r}")
     if not (isinstance(bucket_mb, (int, float)) and bucket_mb > 0):
         raise ValueError(f"bucket_mb must be > 0, got {bucket_mb!r}")
     if grad_comm_dtype is not None and not (
@@ -54,6 +54,22 @@ def check_moment_dtype(moment_dtype: Any, master_dtype: torch.dtype, rule: Any) 
         raise ValueError(f"moment_dtype must be one of {', '.join(map(str, MOMENT_DTYPES))} or None (the master "
                          f"dtype), got {moment_dtype!r}")
     return moment_dtype
+
+
+def check_rounding_seed(seed: Any) -> int:
+    if not (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0):
+        raise ValueError(f"rounding_seed must be an int >= 0, got {seed!r}")
+    return seed
+
+
+def check_no_master(params: list[torch.Tensor]) -> None:
+    """``master_dtype=None`` stores updates straight into bfloat16 parameters: refuse any other dtype."""
+    for i, p in enumerate(params):
+        if p.dtype != torch.bfloat16:
+            raise ValueError(f"master_dtype=None keeps no master copy and rounds each update stochastically into "
+                             f"bfloat16 parameters; parameter #{i} is {p.dtype}"
+                             + (", which is its own master already: leave master_dtype at its default"
+                                if p.dtype in (torch.float32, torch.float64) else ""))
 
 
 def check_params(params: list[Any], groups: list[dict[str, Any]], device: torch.device | None) -> torch.device | None:

@@ -34,7 +34,7 @@ class ZeroBuckets(Shards):
     """ZeRO: rows packed into flat buckets ``[rank-0 rows | rank-1 rows | ...]``, one reduce-scatter
     and one all-gather per bucket. Per-parameter state entries are views into per-bucket buffers."""
 
-    def __init__(self, comm: Comm, master_dtype: torch.dtype, dtypes: dict[str, torch.dtype], bucket_mb: float,
+    def __init__(self, comm: Comm, master_dtype: torch.dtype, dtypes: dict[str, torch.dtype | None], bucket_mb: float,
                  grad_comm_dtype: torch.dtype, overlap: bool):
         super().__init__(comm, master_dtype, dtypes)
         self.comm: Comm = comm
@@ -63,7 +63,8 @@ class ZeroBuckets(Shards):
         comm_bytes = torch.empty((), dtype=self.grad_comm_dtype).element_size()
         for bucket in pack_buckets(list(reversed(new)), self.bucket_bytes, self.world_size, comm_bytes):
             n = bucket.section_numel
-            flat = {name: torch.zeros(n, dtype=dtype, device=bucket.device) for name, dtype in self.dtypes.items()}
+            flat = {name: torch.zeros(n, dtype=dtype or bucket.dtype, device=bucket.device)
+                    for name, dtype in self.dtypes.items()}
             flat["u"] = torch.ones(bucket.u_numel, dtype=self.master_dtype, device=bucket.device)
             for slot in bucket.slots:
                 lo, hi = slot.local_range

@@ -35,6 +35,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 OPTIMIZERS = {
     "adams_dist Adams_ZeRO": lambda ps: adams_dist.Adams_ZeRO(ps),
     "adams_dist Adams_ZeRO bf16 moments": lambda ps: adams_dist.Adams_ZeRO(ps, moment_dtype=torch.bfloat16),
+    # bf16 parameters only: no master copy, updates rounded stochastically into the parameters
+    "adams_dist Adams_ZeRO bf16 moments, no master": lambda ps: adams_dist.Adams_ZeRO(
+        ps, master_dtype=None, moment_dtype=torch.bfloat16),
     "adams-torch Adams_ZeRO": lambda ps: adams.Adams_ZeRO(ps),
     "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, foreach=True),
     "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, fused=True),
@@ -119,6 +122,8 @@ def main() -> None:
         dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(dtype, dtype)
         for name in args.optimizers:
             if name.startswith("torch") and (int(world) > 1 or dtype != "float32"):
+                continue
+            if name.endswith("no master") and dtype != "bfloat16":
                 continue
             rows.append(run(worker, int(world), name, int(args.size), dtype, process_group=int(world) > 1,
                             env=env, timeout=900)[0])

@@ -1,0 +1,45 @@
+"""Stochastic rounding of float32 values into bfloat16 storage, reproducible without a generator.
+
+``master_dtype=None`` keeps no float32 master: each step computes in float32 and stores the result
+in the bfloat16 parameter, rounded up with probability equal to the dropped fraction (so the stored
+value is right on average and small updates are not lost). The random bits come from a hash of
+(seed, parameter index, step, element index), where the element index counts over the whole
+parameter: a run is reproducible, and the same at every world size, since each element is rounded
+by the one rank that owns it, with the same bits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+CHUNK = 1 << 16  # elements rounded at a time
+# Multipliers below 2**30, so a 32-bit value times one stays inside int64 on every backend.
+_MIX = (0x2C1B3C6D, 0x297A2D39, 0x1B873593)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply rounds) of int64 tensors holding values < 2**32."""
+    for k in _MIX:
+        x = ((x ^ (x >> 16)) * k) & _MASK32
+    return x ^ (x >> 16)
+
+
+def key(seed: int, index: int, step: int) -> int:
+    """The hash key of one parameter at one step."""
+    x = torch.tensor([(seed * 1_000_003 + index) & _MASK32, step & _MASK32], dtype=torch.int64)
+    return int(_mix(_mix(x[:1]) ^ x[1:]).item())
+
+
+def stochastic_round_(out: torch.Tensor, value: torch.Tensor, key_: int, first: int) -> None:
+    """``out`` (bfloat16, flat) <- ``value`` (float32, flat) rounded stochastically; ``first`` is the
+    index of ``value[0]`` within its parameter. Non-finite values are stored as they are."""
+    value = value.contiguous()
+    for start in range(0, value.numel(), CHUNK):  # the hash's int64 temporaries stay cache-sized
+        part = value[start: start + CHUNK]
+        index = torch.arange(first + start, first + start + part.numel(), dtype=torch.int64, device=value.device)
+        noise = (_mix(index ^ key_) & 0xFFFF).to(torch.int32)
+        # Adding to the bit pattern adds to the magnitude whatever the sign; clearing the low 16 bits then
+        # leaves a bfloat16 value: rounded up with probability (dropped bits) / 2**16.
+        rounded = ((part.view(torch.int32) + noise) & -65536).view(torch.float32)
+        out[start: start + CHUNK].copy_(torch.where(torch.isfinite(part), rounded, part))
