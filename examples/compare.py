@@ -168,7 +168,7 @@ class Setup:
 
     def new_model(self, init: bool = True) -> gpt.GPT:
         a = self.args
-        model = gpt.GPT(a.block_size, a.n_layer, a.n_head, a.d_model).to(self.device)
+        model = gpt.GPT(a.block_size, a.n_layer, a.n_head, a.d_model).to(self.device, getattr(torch, a.param_dtype))
         if init:
             model.load_state_dict(self.init_state)
         return model
@@ -183,6 +183,10 @@ def build_optimizer(name: str, model: gpt.GPT, lr: float, args: argparse.Namespa
         groups[0]["weight_decay"] = args.sgd_weight_decay
         return torch.optim.SGD(groups, lr=lr, momentum=0.9)
     extra = {"betas": tuple(args.betas)} if args.betas else {}
+    if args.moment_dtype != "float32":
+        extra["moment_dtype"] = getattr(torch, args.moment_dtype)
+    if args.no_master:
+        extra["master_dtype"] = None
     return adams_dist.create_optimizer(
         name, groups, lr=lr, weight_decay=args.weight_decay, max_grad_norm=args.grad_clip or None, **extra
     )
@@ -492,6 +496,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="L2 weight decay on matrices for SGD (torch's coupled form; default off)",
     )
+    ap.add_argument("--param-dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="model parameters' dtype (the optimizers keep fp32 masters unless --no-master)")
+    ap.add_argument("--moment-dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="adams_dist optimizers' moment_dtype")
+    ap.add_argument("--no-master", action="store_true",
+                    help="adams_dist optimizers with master_dtype=None (needs --param-dtype bfloat16)")
     ap.add_argument("--grad-clip", type=float, default=0.0, help="max global grad norm, 0: off (all optimizers)")
     ap.add_argument("--spike-window", type=int, default=20, help="W of the spike rule")
     ap.add_argument("--spike-rel", type=float, default=0.25, help="R of the spike rule")
