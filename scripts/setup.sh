@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
-# Install adams_dist with its test and example extras. A CPU torch goes in first when none is present:
-# an unpinned torch would pull a multi-GB CUDA build.
+# Install adams_dist with its test and example extras. torch goes in first when none is present
+# (scripts/install_torch.sh: the CPU build on machines without a GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if ! "$PY" -c "import torch" >/dev/null 2>&1; then
-  "$PY" -m pip install --quiet torch==2.13.0
-fi
+PYTHON="$PY" bash scripts/install_torch.sh
 "$PY" -m pip install --quiet -e ".[dev,examples]"
