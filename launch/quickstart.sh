@@ -6,11 +6,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHON="${PYTHON:-python}"  # the launchers start torchrun with this interpreter too
 
-if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
-  # torch first, pinned: left to resolve adams-dist's "torch>=2.4" by itself, pip would pull the newest
-  # torch, a multi-GB CUDA build on Linux. Install the build you want before this script if you need another.
-  "$PYTHON" -m pip install torch==2.13.0
-fi
+# torch first, pinned: left to resolve adams-dist's "torch>=2.4" by itself, pip would pull the newest torch,
+# a multi-GB CUDA build on Linux even without a GPU. Install the build you want first if you need another.
+bash scripts/install_torch.sh
 "$PYTHON" -m pip install -e ".[examples]"
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
