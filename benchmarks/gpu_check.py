@@ -1,10 +1,11 @@
 """One-GPU check: kernel parity against the float64 reference, step time and memory vs torch fused AdamW,
-and an NCCL smoke test, written to one JSON. Under 5 minutes on one GPU; ``--cpu-only`` (chosen by
-itself without CUDA) runs the same checks small on the CPU, with gloo, so CI keeps the script working.
+fp16 autocast with adams_dist.GradScaler, and an NCCL smoke test, written to one JSON. Under 5 minutes on
+one GPU; ``--cpu-only`` (chosen by itself without CUDA) runs the same checks small on the CPU, with gloo,
+so CI keeps the script working.
 
     bash scripts/gpu_check.sh [--cpu-only] [--out benchmarks/results/gpu_check.json]
 
-Exit status 1 when a parity check fails.
+Exit status 1 when a check fails.
 """
 
 from __future__ import annotations
@@ -142,6 +143,30 @@ def timed_steps(n: int, device: str, repeats: int) -> dict[str, Any]:
     return out
 
 
+def amp(device: str) -> dict[str, Any]:
+    """fp16 autocast with adams_dist.GradScaler; an inf at step 5 must skip that step and halve the scale."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64)).to(device)
+    opt = adams_dist.Adams_ZeRO(model.parameters(), lr=1e-2)
+    scaler = adams_dist.GradScaler(device, init_scale=2.0**10, growth_interval=1000)
+    x = torch.randn(32, 64, device=device)
+    losses, scales = [], []
+    for step in range(20):
+        with torch.autocast(device, dtype=torch.float16):
+            loss = (model(x).float() - x).square().mean()
+        scaler.scale(loss).backward()
+        if step == 5:
+            model[0].weight.grad[0, 0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        losses.append(float(loss))
+        scales.append(scaler.get_scale())
+    ok = opt.skipped_steps == 1 and scales[5] == scales[4] / 2 and losses[-1] < 0.7 * losses[0]
+    return {"skipped_steps": opt.skipped_steps, "scale_before_after_inf": scales[4:6], "first_loss": losses[0],
+            "last_loss": losses[-1], "ok": ok}
+
+
 def smoke(backend: str, device: str) -> dict[str, Any]:
     """A process group of one (nccl on CUDA, gloo on CPU): ZeRO mode must equal the one-process optimizer."""
     import socket
@@ -200,9 +225,11 @@ def main() -> int:
             report["timing"].append({"params": n, "skipped": "not enough free GPU memory"})
             continue
         report["timing"].append(timed_steps(n, device, repeats=10 if gpu else 3))
+    report["amp"] = amp(device)
+    log(f"fp16 autocast + GradScaler: {'ok' if report['amp']['ok'] else 'FAILED'} {report['amp']}")
     report["smoke"] = smoke("nccl" if gpu else "gloo", device)
     log(f"process group of one ({report['smoke']['backend']}): diff {report['smoke']['max_abs_diff']:.1e}")
-    report["ok"] = all(r["ok"] for r in report["parity"]) and report["smoke"]["ok"]
+    report["ok"] = all(r["ok"] for r in report["parity"]) and report["amp"]["ok"] and report["smoke"]["ok"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1, default=lambda v: None if v != v else v))
     log(f"{'ok' if report['ok'] else 'FAILED'}; results in {args.out}")

@@ -31,6 +31,7 @@ def test_cpu_only_run_writes_every_check(tmp_path: Path) -> None:
     assert all(row["step_ms"] > 0 for row in timing.values())
     state = {name: row["state_bytes_per_param"] for name, row in timing.items()}
     assert 0 < state["Adams_ZeRO bf16 moments"] < state["Adams_ZeRO auto"]
+    assert report["amp"]["ok"] and report["amp"]["skipped_steps"] == 1
     assert report["smoke"] == {"backend": "gloo", "max_abs_diff": 0.0, "ok": True}
 
 
