@@ -49,12 +49,14 @@ class ShardedOptimizer(Optimizer):
         kernel: str = "auto",
         collective_timeout: float = DEFAULT_TIMEOUT,
         rounding_seed: int = 0,
+        master_remainder: bool = False,
         **unknown: Any,
     ):
         if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s) {sorted(unknown)}; engine "
                             "options are master_dtype, moment_dtype, process_group, bucket_mb, overlap, "
-                            "grad_comm_dtype, max_grad_norm, skip_nonfinite, kernel, collective_timeout, rounding_seed")
+                            "grad_comm_dtype, max_grad_norm, skip_nonfinite, kernel, collective_timeout, "
+                            "rounding_seed, master_remainder")
         kernel = validation.check_engine_options(master_dtype, bucket_mb, grad_comm_dtype, max_grad_norm, kernel,
                                                  collective_timeout)
         self.collective_timeout = float(collective_timeout)
@@ -63,6 +65,8 @@ class ShardedOptimizer(Optimizer):
         self.compute_dtype = master_dtype or torch.float32  # what the update computes in
         self.moment_dtype = validation.check_moment_dtype(moment_dtype, self.compute_dtype, self.rule)
         self.rounding_seed = validation.check_rounding_seed(rounding_seed)
+        # True: the fp32 master is stored as the bf16 parameter plus a 16-bit remainder (rounding.split_)
+        self.master_remainder = validation.check_master_remainder(master_remainder, master_dtype)
         self.bucket_mb = float(bucket_mb)
         self.overlap = bool(overlap)
         self.grad_comm_dtype = grad_comm_dtype or torch.float32
@@ -108,7 +112,10 @@ class ShardedOptimizer(Optimizer):
         groups = [self.param_groups[gi] for gi in group_indices]
         new_params = [p for g in groups for p in g["params"]]
         if not hasattr(self, "_shards"):
-            dtypes = {"master_param": self.master_dtype, **dict.fromkeys(self.rule.state_names, self.moment_dtype)}
+            dtypes: dict[str, torch.dtype | None] = {"master_param": self.master_dtype}
+            if self.master_remainder:  # the master's bf16 part is the parameter's own dtype
+                dtypes = {"master_param": None, "master_remainder": torch.int16}
+            dtypes.update(dict.fromkeys(self.rule.state_names, self.moment_dtype))
             self._shards = make_shards(new_params, self._process_group, dtypes, self.compute_dtype, self.bucket_mb,
                                        self.grad_comm_dtype, self.overlap, self.collective_timeout)
         elif (fsdp.mesh_group(new_params) is not None) != self._shards.takes_dtensors:
@@ -117,9 +124,11 @@ class ShardedOptimizer(Optimizer):
         ablations.check_single_process(groups, shards.sharded)
         if self.moment_dtype != self.compute_dtype:
             ablations.check_default_layout(groups, f"moment_dtype={self.moment_dtype}")
-        if self.master_dtype is None:
-            validation.check_no_master(new_params)
-            ablations.check_default_layout(groups, "master_dtype=None")
+        for option, on in (("master_dtype=None", self.master_dtype is None), ("master_remainder=True",
+                                                                               self.master_remainder)):
+            if on:
+                validation.check_bf16_params(new_params, option)
+                ablations.check_default_layout(groups, option)
         self._ablation_cfg.update({gi: ablations.config(self.param_groups[gi]) for gi in group_indices
                                    if "second_moment" in self.param_groups[gi]})
         pairs = [(gi, p) for gi in group_indices for p in self.param_groups[gi]["params"]]
@@ -274,7 +283,7 @@ class ShardedOptimizer(Optimizer):
         the counts every rank must agree on."""
         flags = torch.tensor([s.param.grad is not None for s in self._slots], dtype=torch.float32,
                              device=self.device)
-        wtu = {s.index: decay.wtu_partial(s, self.state[s.param]) for s in self._slots
+        wtu = {s.index: decay.wtu_partial(s, self._full_master(self.state[s.param])) for s in self._slots
                if s.spectral is not None and float(self.param_groups[s.group_index]["weight_decay"]) != 0}
         return Control(flags, wtu, self._agreement_values())
 
@@ -323,9 +332,9 @@ class ShardedOptimizer(Optimizer):
             st["step"] += 1
         steps = [float(st["step"]) for st in states]
         stored = None
-        if self.master_dtype is None:  # no master: compute on float32 copies, round them back stochastically
-            stored = [st["master_param"] for st in states]
-            states = [dict(st, master_param=m.to(self.compute_dtype)) for st, m in zip(states, stored)]
+        if self.master_dtype is None or self.master_remainder:  # bf16 storage: compute on fp32 copies
+            stored = states
+            states = [self._full_master(st) for st in states]
         decays = [decay.plan(s, st, group, lr, self.uses_spectral_decay, wtu.get(s.index))
                   for s, st in zip(slots, states)]
         if self._ablation_cfg:  # AdamATan2/AdamW ablations: their params take a per-tensor path
@@ -347,9 +356,21 @@ class ShardedOptimizer(Optimizer):
                              compiled=compiled, strict=self.kernel == "compiled")
         if compiled and not ok:  # a broken toolchain must not stop training when the user did not ask for it
             self.kernel = "foreach"
-        for slot, out, value, t in zip(slots, stored or (), masters, steps):
-            rounding.stochastic_round_(out, value, rounding.key(self.rounding_seed, slot.index, int(t)),
-                                       slot.local_range[0])
+        for slot, st, value, t in zip(slots, stored or (), masters, steps):
+            if self.master_remainder:  # exact: the bf16 parameter and the remainder
+                rounding.split_(value, st["master_param"], st["master_remainder"])
+            else:  # no master: the bf16 parameter, rounded stochastically
+                rounding.stochastic_round_(st["master_param"], value,
+                                           rounding.key(self.rounding_seed, slot.index, int(t)), slot.local_range[0])
+
+    def _full_master(self, st: dict[str, Any]) -> dict[str, Any]:
+        """``st`` with its master in the compute dtype: put together from the bf16 parameter and the
+        remainder, or widened from the bf16 parameter (no master); ``st`` itself for an fp32 master."""
+        if self.master_remainder:
+            return dict(st, master_param=rounding.combine(st["master_param"], st["master_remainder"]))
+        if self.master_dtype is None:
+            return dict(st, master_param=st["master_param"].to(self.compute_dtype))
+        return st
 
     def _reduce_min(self, t: torch.Tensor) -> torch.Tensor:
         return self._shards.reduce_min(t, self._device)

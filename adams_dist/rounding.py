@@ -1,4 +1,6 @@
-"""Stochastic rounding of float32 values into bfloat16 storage, reproducible without a generator.
+"""float32 values kept in bfloat16 storage: stochastic rounding, or an exact split into bf16 plus a remainder.
+
+Stochastic rounding, reproducible without a generator.
 
 ``master_dtype=None`` keeps no float32 master: each step computes in float32 and stores the result
 in the bfloat16 parameter, rounded up with probability equal to the dropped fraction (so the stored
@@ -6,6 +8,11 @@ value is right on average and small updates are not lost). The random bits come 
 (seed, parameter index, step, element index), where the element index counts over the whole
 parameter: a run is reproducible, and the same at every world size, since each element is rounded
 by the one rank that owns it, with the same bits.
+
+The remainder (``master_remainder=True``): a float32 master is stored as the bfloat16 parameter plus
+the int16 difference of their bit patterns, which puts it back exactly. The parameter is the master
+rounded to nearest with ties away from zero; round-to-nearest-even cannot be used, because an even
+bfloat16 value has 65537 float32 values rounding to it, one more than 16 bits can tell apart.
 """
 
 from __future__ import annotations
@@ -43,3 +50,17 @@ def stochastic_round_(out: torch.Tensor, value: torch.Tensor, key_: int, first: 
         # leaves a bfloat16 value: rounded up with probability (dropped bits) / 2**16.
         rounded = ((part.view(torch.int32) + noise) & -65536).view(torch.float32)
         out[start: start + CHUNK].copy_(torch.where(torch.isfinite(part), rounded, part))
+
+
+def split_(value: torch.Tensor, high: torch.Tensor, remainder: torch.Tensor) -> None:
+    """Store float32 ``value`` exactly as bfloat16 ``high`` (rounded to nearest, ties away from zero) plus the
+    int16 ``remainder`` of the bit patterns (all flat and of one length)."""
+    bits = value.contiguous().view(torch.int32)
+    top = (bits + 0x8000) >> 16  # + half a bf16 step to the magnitude, then keep the top 16 bits
+    high.view(torch.int16).copy_(top)  # top fits in int16: its low 16 bits are the bf16 pattern
+    remainder.copy_(bits - (top << 16))  # in [-2**15, 2**15)
+
+
+def combine(high: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
+    """The float32 values ``split_`` stored (bit for bit)."""
+    return ((high.view(torch.int16).to(torch.int32) << 16) + remainder.to(torch.int32)).view(torch.float32)

@@ -199,9 +199,11 @@ class Shards:
         for slot in self.slots:
             local = fsdp.local_tensor(slot.param)
             if local._version != self._versions.get(slot.index):
-                master = state[slot.param]["master_param"]
-                if master.data_ptr() != local.data_ptr():
-                    master.copy_(self.rows_of(slot, slot.param.detach()))
+                master, rows = state[slot.param]["master_param"], self.rows_of(slot, slot.param.detach())
+                if master.data_ptr() != rows.data_ptr():  # not the parameter's own rows
+                    master.copy_(rows)
+                if "master_remainder" in state[slot.param]:  # the edited bf16 value is the whole master now
+                    state[slot.param]["master_remainder"].zero_()
 
     # ------------------------------------------------------------------ state dicts
 
@@ -227,8 +229,8 @@ class Shards:
             for name, t in state[slot.param].items():
                 if not isinstance(t, torch.Tensor) or name == "step":
                     continue
-                if name == "master_param" and t.data_ptr() == fsdp.local_tensor(slot.param).data_ptr():
-                    continue  # aliases the parameter itself
+                if name == "master_param" and _same_storage(t, fsdp.local_tensor(slot.param)):
+                    continue  # the parameter's own rows
                 if t.data_ptr() in seen and t.numel():
                     continue
                 seen.add(t.data_ptr())
@@ -308,3 +310,7 @@ def make_shards(params: list[torch.Tensor], process_group: Any | None, dtypes: d
         if comm.world_size > 1:
             return ZeroBuckets(comm, master_dtype, dtypes, bucket_mb, grad_comm_dtype, overlap)
     return LocalRows(master_dtype, dtypes)
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()

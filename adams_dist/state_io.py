@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import ablations, fsdp, rules, validation
+from . import ablations, fsdp, rounding, rules, validation
 from .rules.base import finite_real
 
 if TYPE_CHECKING:
@@ -54,6 +54,8 @@ def state_dict(opt: ShardedOptimizer, sharded: bool = False) -> dict[str, Any]:
                 entry[name] = t.view(slot.rows_shape(name == "u"))
             else:
                 entry[name] = t.view(p.shape[:-1] if name == "u" else p.shape)
+        if "master_remainder" in entry:  # saved as the fp32 master it stands for: loads into any optimizer
+            entry["master_param"] = _with_remainder(entry["master_param"], entry.pop("master_remainder"))
         if layout is not None:
             entry.update(layout.export(opt.state[p]))
         if p in sigmas:
@@ -66,6 +68,16 @@ def state_dict(opt: ShardedOptimizer, sharded: bool = False) -> dict[str, Any]:
         g["params"] = [index[id(p)] for p in group["params"]]
         groups.append(copy.deepcopy(g))
     return {"state": state, "param_groups": groups, CLASS_KEY: type(opt).__name__, RULE_KEY: opt.rule.name}
+
+
+def _with_remainder(high: Any, remainder: torch.Tensor) -> torch.Tensor:
+    """The fp32 master that a bf16 tensor and its int16 remainder stand for (DTensors stay DTensors)."""
+    if not fsdp.is_dtensor(high):
+        return rounding.combine(high.reshape(-1), remainder.reshape(-1)).view(high.shape)
+    local = fsdp.local_tensor(high)
+    full = rounding.combine(local.reshape(-1), fsdp.local_tensor(remainder).reshape(-1)).view(local.shape)
+    return fsdp.DTensor.from_local(full, high.device_mesh, high.placements, run_check=False, shape=high.shape,
+                                   stride=high.stride())
 
 
 def _origin(opt: ShardedOptimizer) -> str:

@@ -62,13 +62,21 @@ def check_rounding_seed(seed: Any) -> int:
     return seed
 
 
-def check_no_master(params: list[torch.Tensor]) -> None:
-    """``master_dtype=None`` stores updates straight into bfloat16 parameters: refuse any other dtype."""
+def check_master_remainder(master_remainder: Any, master_dtype: Any) -> bool:
+    if not isinstance(master_remainder, bool):
+        raise TypeError(f"master_remainder must be True or False, got {master_remainder!r}")
+    if master_remainder and master_dtype != torch.float32:
+        raise ValueError("master_remainder=True keeps a float32 master as the bf16 parameter plus a 16-bit "
+                         f"remainder: it needs master_dtype=torch.float32 (the default), got {master_dtype}")
+    return master_remainder
+
+
+def check_bf16_params(params: list[torch.Tensor], option: str) -> None:
+    """``master_dtype=None`` and ``master_remainder=True`` keep the master in the bf16 parameters themselves."""
     for i, p in enumerate(params):
         if p.dtype != torch.bfloat16:
-            raise ValueError(f"master_dtype=None keeps no master copy and rounds each update stochastically into "
-                             f"bfloat16 parameters; parameter #{i} is {p.dtype}"
-                             + (", which is its own master already: leave master_dtype at its default"
+            raise ValueError(f"{option} keeps the master in bfloat16 parameters; parameter #{i} is {p.dtype}"
+                             + (", which is its own master already: leave the default"
                                 if p.dtype in (torch.float32, torch.float64) else ""))
 
 

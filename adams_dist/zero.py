@@ -63,10 +63,13 @@ class ZeroBuckets(Shards):
         comm_bytes = torch.empty((), dtype=self.grad_comm_dtype).element_size()
         for bucket in pack_buckets(list(reversed(new)), self.bucket_bytes, self.world_size, comm_bytes):
             n = bucket.section_numel
+            # A master of the parameters' own dtype is their rows: held once, in the parameters themselves
+            aliased = (self.dtypes["master_param"] or bucket.dtype) == bucket.dtype and all(
+                s.param.is_contiguous() for s in bucket.slots)
             flat = {name: torch.zeros(n, dtype=dtype or bucket.dtype, device=bucket.device)
-                    for name, dtype in self.dtypes.items()}
+                    for name, dtype in self.dtypes.items() if not (aliased and name == "master_param")}
             flat["u"] = torch.ones(bucket.u_numel, dtype=self.master_dtype, device=bucket.device)
-            for slot in bucket.slots:
+            for slot in bucket.slots if not aliased else ():
                 lo, hi = slot.local_range
                 flat["master_param"][slot.offset: slot.offset + slot.local_numel].copy_(
                     slot.param.detach().reshape(-1)[lo:hi])
@@ -98,7 +101,10 @@ class ZeroBuckets(Shards):
 
     def state_of(self, slot: Slot) -> dict[str, torch.Tensor]:
         flat = self._flat[self._bucket_of[slot.index]]
-        state = {name: flat[name][slot.offset: slot.offset + slot.local_numel] for name in self.names}
+        state = {name: flat[name][slot.offset: slot.offset + slot.local_numel] for name in self.names if name in flat}
+        if "master_param" not in flat:  # the parameter's own rows
+            lo, hi = slot.local_range
+            state["master_param"] = slot.param.detach().view(-1)[lo:hi]
         if slot.spectral is not None:
             state["u"] = flat["u"][slot.u_offset: slot.u_offset + slot.local_rows]
         return state
@@ -231,14 +237,31 @@ class ZeroBuckets(Shards):
         """All-gather every bucket's updated rows (at most MAX_IN_FLIGHT at once) into the parameters."""
         in_flight: list[tuple[Any, torch.Tensor, torch.Tensor, Bucket]] = []
         for bucket, flat in zip(self.buckets, self._flat):
-            send = flat["master_param"].to(bucket.dtype)
-            out = torch.empty(bucket.section_numel * self.world_size, dtype=bucket.dtype, device=bucket.device)
+            n = bucket.section_numel
+            out = torch.empty(n * self.world_size, dtype=bucket.dtype, device=bucket.device)
+            send = out[self.rank * n: (self.rank + 1) * n]  # in place: no send buffer besides the output
+            self._section(bucket, flat, "master_param", state, into=send)
             in_flight.append((self.comm.all_gather(out, send, "the parameter all-gather"), out, send, bucket))
             if len(in_flight) >= MAX_IN_FLIGHT:
                 self._unpack(*in_flight.pop(0))
         for gather in in_flight:
             self._unpack(*gather)
         self.record_versions()
+
+    @staticmethod
+    def _section(bucket: Bucket, flat: dict[str, torch.Tensor], name: str, state: dict[Any, dict[str, Any]],
+                 into: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's section of one state entry (copied ``into`` a buffer when given): its own buffer, or
+        for a master that lives in the parameters, their rows packed."""
+        if name in flat and into is None:
+            return flat[name]
+        out = torch.zeros(bucket.section_numel, dtype=bucket.dtype, device=bucket.device) if into is None else into
+        if name in flat:
+            return out.copy_(flat[name])
+        out.zero_()  # the padding between slots
+        for slot in bucket.slots:
+            out[slot.offset: slot.offset + slot.local_numel].copy_(state[slot.param][name])
+        return out
 
     def _unpack(self, work: Any, out: torch.Tensor, _send: torch.Tensor, bucket: Bucket) -> None:
         """Wait for a bucket's all-gather and copy every parameter's rows out of it."""
@@ -258,7 +281,8 @@ class ZeroBuckets(Shards):
         w = self.world_size
         full: dict[int, dict[str, torch.Tensor]] = {s.index: {} for s in self.slots}
         for bucket, flat in zip(self.buckets, self._flat):
-            for name, buf in flat.items():
+            for name in flat if "master_param" in flat else ("master_param", *flat):
+                buf = self._section(bucket, flat, name, state)
                 out = torch.empty(buf.numel() * w, dtype=buf.dtype, device=buf.device)
                 self.comm.all_gather(out, buf, f"the all-gather of optimizer state '{name}'", side=True).wait()
                 for slot in bucket.slots:

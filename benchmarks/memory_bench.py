@@ -38,6 +38,9 @@ OPTIMIZERS = {
     # bf16 parameters only: no master copy, updates rounded stochastically into the parameters
     "adams_dist Adams_ZeRO bf16 moments, no master": lambda ps: adams_dist.Adams_ZeRO(
         ps, master_dtype=None, moment_dtype=torch.bfloat16),
+    # bf16 parameters only: the fp32 master kept exactly as the parameter plus an int16 remainder
+    "adams_dist Adams_ZeRO bf16 moments, remainder": lambda ps: adams_dist.Adams_ZeRO(
+        ps, master_remainder=True, moment_dtype=torch.bfloat16),
     "adams-torch Adams_ZeRO": lambda ps: adams.Adams_ZeRO(ps),
     "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, foreach=True),
     "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, fused=True),
@@ -123,7 +126,7 @@ def main() -> None:
         for name in args.optimizers:
             if name.startswith("torch") and (int(world) > 1 or dtype != "float32"):
                 continue
-            if name.endswith("no master") and dtype != "bfloat16":
+            if name.endswith(("no master", "remainder")) and dtype != "bfloat16":
                 continue
             rows.append(run(worker, int(world), name, int(args.size), dtype, process_group=int(world) > 1,
                             env=env, timeout=900)[0])

@@ -89,12 +89,13 @@ def test_matches_single_process(world: int, dtype: torch.dtype) -> None:
 
 
 def test_state_is_sharded() -> None:
-    """Each rank holds about 1/W of the optimizer state (master + two moments, fp32)."""
-    full = sum(torch.Size(s).numel() for s in SHAPES) * 4 * 3
+    """Each rank holds about 1/W of the optimizer state: two fp32 moments (the fp32 master of fp32 parameters
+    is the parameters' own rows, not a copy)."""
+    full = sum(torch.Size(s).numel() for s in SHAPES) * 4 * 2
     for world in (2, 4):
         results = run(worker, world, torch.float32, timeout=240)
         per_rank = [r["adamw"]["state_bytes"] for r in results]
-        assert sum(per_rank) >= full  # nothing is lost
+        assert full <= sum(per_rank) < 1.2 * full, (world, per_rank, full)  # nothing lost, no master copy
         assert max(per_rank) <= full / world * 1.6 + 64, (world, per_rank, full)
 
 

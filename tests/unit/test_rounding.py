@@ -98,3 +98,78 @@ def test_no_master_holds_no_master_state_and_refuses_fp32() -> None:
         adams_dist.Adams_ZeRO(nn.Linear(4, 4).parameters(), master_dtype=None)
     with pytest.raises(ValueError, match="rounding_seed"):
         adams_dist.AdamW(model.parameters(), rounding_seed=-1)
+
+
+# ------------------------------------------------------------------ master_remainder
+
+
+def test_split_and_combine_give_back_every_float32_exactly() -> None:
+    g = torch.Generator().manual_seed(1)
+    bits = torch.randint(-2**31, 2**31 - 1, (1 << 20,), generator=g, dtype=torch.int64).to(torch.int32)
+    special = torch.tensor([0.0, -0.0, 1.0, -1.0, 1 + 2**-8, -(1 + 2**-8), 1 + 3 * 2**-8, 3.3e38, -3.3e38,
+                            float("inf"), -float("inf"), 1e-45, -1e-45])
+    x = torch.cat([bits.view(torch.float32), special])
+    x = x[torch.isfinite(x) | x.isinf()]
+    high, rem = torch.empty_like(x, dtype=BF16), torch.empty_like(x, dtype=torch.int16)
+    rounding.split_(x, high, rem)
+    assert torch.equal(rounding.combine(high, rem).view(torch.int32), x.view(torch.int32))
+    # the bf16 part is x rounded to nearest; only exact ties (low 16 bits 0x8000) go away from zero
+    tie = (x.view(torch.int32) & 0xFFFF) == 0x8000
+    assert torch.equal(high[~tie], x[~tie].to(BF16))
+    assert torch.all(high[tie].double().abs() > x[tie].double().abs())
+
+
+def _bf16_run(seed: int, steps: int, **options) -> tuple[list[torch.Tensor], dict, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(40, 30), nn.Tanh(), nn.Linear(30, 3)).to(BF16)
+    opt = adams_dist.Adams_ZeRO(model.parameters(), lr=1e-3, **options)
+    for step in range(steps):
+        x = torch.randn(16, 40, generator=torch.Generator().manual_seed(step)).to(BF16)
+        model(x).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.detach().clone() for p in model.parameters()], opt.state_dict(), opt
+
+
+def test_remainder_is_bit_for_bit_the_fp32_master_run_in_half_the_master_bytes() -> None:
+    want, want_sd, fp32_opt = _bf16_run(0, 30)
+    got, got_sd, opt = _bf16_run(0, 30, master_remainder=True)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    for i, entry in want_sd["state"].items():  # the saved master is the fp32 one, the same bits
+        for name in ("master_param", "exp_avg", "exp_avg_sq", "u"):
+            if name in entry:
+                assert got_sd["state"][i][name].dtype == entry[name].dtype and torch.equal(got_sd["state"][i][name],
+                                                                                          entry[name]), (i, name)
+    n = sum(p.numel() for p in got)
+    assert fp32_opt.state_bytes() - opt.state_bytes() == 2 * n  # int16 remainders instead of fp32 masters
+
+
+def test_remainder_state_dicts_load_both_ways_and_resume_exactly() -> None:
+    want, _, _ = _bf16_run(0, 12)
+    for saver, loader in (({}, {"master_remainder": True}), ({"master_remainder": True}, {})):
+        _, sd, _ = _bf16_run(0, 6, **saver)
+        params, _, _ = _bf16_run(0, 6, **saver)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(40, 30), nn.Tanh(), nn.Linear(30, 3)).to(BF16)
+        with torch.no_grad():
+            for p, v in zip(model.parameters(), params):
+                p.copy_(v)
+        opt = adams_dist.Adams_ZeRO(model.parameters(), lr=1e-3, **loader)
+        opt.load_state_dict(sd)
+        for step in range(6, 12):
+            x = torch.randn(16, 40, generator=torch.Generator().manual_seed(step)).to(BF16)
+            model(x).float().square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        assert all(torch.equal(p.detach(), w) for p, w in zip(model.parameters(), want)), (saver, loader)
+
+
+def test_remainder_refuses_what_it_cannot_hold() -> None:
+    with pytest.raises(ValueError, match="master_remainder=True keeps the master in bfloat16 parameters; "
+                                         "parameter #0 is torch.float32, which is its own master"):
+        adams_dist.Adams_ZeRO(nn.Linear(4, 4).parameters(), master_remainder=True)
+    bf16 = nn.Linear(4, 4).to(BF16).parameters()
+    with pytest.raises(ValueError, match="needs master_dtype=torch.float32"):
+        adams_dist.AdamW(bf16, master_remainder=True, master_dtype=None)
+    with pytest.raises(TypeError, match="master_remainder must be True or False"):
+        adams_dist.AdamW(nn.Linear(4, 4).to(BF16).parameters(), master_remainder=1)
