@@ -23,6 +23,7 @@ from .optimizers import (
     create_optimizer,
     register_optimizer,
 )
+from .param_groups import ParamGroups, param_groups
 from .runtime import init_distributed
 from .sharded_checkpoint import load_sharded_optimizer, save_sharded_optimizer
 from .spectral import set_heads
@@ -32,6 +33,7 @@ __all__ = [
     "CollectiveTimeout",
     "GradScaler",
     "OPTIMIZERS",
+    "ParamGroups",
     "AdamATan2",
     "AdamSRF",
     "AdamW",
@@ -47,6 +49,7 @@ __all__ = [
     "init_distributed",
     "load_checkpoint",
     "load_sharded_optimizer",
+    "param_groups",
     "register_optimizer",
     "rules",
     "save_checkpoint",
