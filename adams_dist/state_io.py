@@ -134,6 +134,7 @@ def _check_state_names(opt: ShardedOptimizer, entry: dict[str, Any], kept: set[s
 
 def validate_state_dict(opt: ShardedOptimizer, sd: Any) -> None:
     """Raise ValueError naming the first thing in ``sd`` that does not fit ``opt``; change nothing."""
+    sd = without_placeholders(sd)
     if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
         raise ValueError("not an optimizer state dict: expected keys 'state' and 'param_groups'")
     groups = sd["param_groups"]
@@ -182,8 +183,20 @@ def validate_state_dict(opt: ShardedOptimizer, sd: Any) -> None:
                                  f"this optimizer has {slot.spectral.heads} (was set_heads applied the same way?)")
 
 
+def without_placeholders(sd: Any) -> Any:
+    """``sd`` without empty-dict entries: torch's ``set_optimizer_state_dict`` builds each parameter's entry
+    from the names in ``optimizer.state`` and hands ``{}`` for one the saved dict lacks (Adams' live
+    'sigma_sq', saved as 'sigma')."""
+    if not (isinstance(sd, dict) and isinstance(sd.get("state"), dict)):
+        return sd
+    state = {k: {n: v for n, v in e.items() if not (isinstance(v, dict) and not v)} if isinstance(e, dict) else e
+             for k, e in sd["state"].items()}
+    return dict(sd, state=state)
+
+
 @torch.no_grad()
 def load_state_dict(opt: ShardedOptimizer, sd: dict[str, Any]) -> None:
+    sd = without_placeholders(sd)
     validate_state_dict(opt, sd)
     for group, saved in zip(opt.param_groups, sd["param_groups"]):
         for k, v in saved.items():
@@ -196,7 +209,10 @@ def load_state_dict(opt: ShardedOptimizer, sd: dict[str, Any]) -> None:
         state["step"].copy_(torch.as_tensor(entry["step"]))
         layout = opt._ablated.get(slot.index)
         for name in ("master_param", *opt.rule.state_names):
-            if layout is None or name not in layout.saved_shapes:
+            if name == "master_param" and "master_remainder" in state:  # the bf16 parameter and the remainder
+                rows = shards.rows_of(slot, entry[name]).to(torch.float32)
+                rounding.split_(rows, state["master_param"], state["master_remainder"])
+            elif layout is None or name not in layout.saved_shapes:
                 state[name].copy_(shards.rows_of(slot, entry[name]))
         if layout is not None:
             layout.load(state, entry)

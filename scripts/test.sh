@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=${PYTHON:-python3}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export ADAMS_DIST_FRAMEWORKS=required  # setup.sh installed them: a framework test must not skip
 exec "$PY" -m pytest -n "${PYTEST_WORKERS:-2}" --timeout=600 -q "$@"
