@@ -167,10 +167,8 @@ def test_torch_state_dict_helpers_load_adamw(resumed: list[dict]) -> None:
             torch.testing.assert_close(out["adamw_roundtrip"][name], p, rtol=0, atol=0)
 
 
-# torch's set_optimizer_state_dict builds each entry from the names in the live ``optim.state[param]``,
-# and hands an empty dict for a name the flat dict lacks. The engine keeps "sigma_sq" there but saves
-# "sigma", and its load_state_dict refuses the empty dict. torchtitan's own loader (above) skips such names.
-@pytest.mark.xfail(strict=True, reason="Adams' live 'sigma_sq' is saved as 'sigma'; torch passes {} for it")
+# torch's set_optimizer_state_dict builds each entry from the names in the live ``optim.state[param]`` and
+# hands an empty dict for a name the flat dict lacks (Adams keeps "sigma_sq" there and saves "sigma").
 def test_torch_set_optimizer_state_dict(resumed: list[dict]) -> None:
     for out in resumed:
         assert out["torch_load_error"] is None
