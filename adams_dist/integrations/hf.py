@@ -58,7 +58,8 @@ class AdamsTrainer(transformers.Trainer):
         self.add_callback(_TurnOffDDPAllReduce(self))
 
     def _clip_grad_norm(self, model: torch.nn.Module) -> torch.Tensor:
-        # Without DDP's all-reduce each rank holds its own gradients: only the optimizer knows the global norm
+        # Without DDP's all-reduce each rank holds its own gradients: only the optimizer knows the global norm.
+        self.accelerator.unscale_gradients()  # fp16 loss scaling: clip unscaled gradients (else a no-op)
         return unwrap(self.optimizer).clip_grad_norm_(self.args.max_grad_norm)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
@@ -68,6 +69,9 @@ class AdamsTrainer(transformers.Trainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is None:
+            return
+        if not os.path.isdir(os.path.join(checkpoint, OPTIMIZER_DIR)):  # a plain Trainer's optimizer.pt
+            super()._load_optimizer_and_scheduler(checkpoint)
             return
         load_sharded_optimizer(os.path.join(checkpoint, OPTIMIZER_DIR), unwrap(self.optimizer))
         scheduler = os.path.join(checkpoint, transformers.trainer.SCHEDULER_NAME)

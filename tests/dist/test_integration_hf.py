@@ -21,7 +21,7 @@ STEPS, SAVE_AT, BATCH, SEQ, VOCAB = 6, 3, 2, 16, 64
 WATCHED = "transformer.h.0.mlp.c_fc.weight"
 
 
-def _trainer(rank: int, world: int, out: str, extra_callbacks: list[Any]) -> Any:
+def _trainer(rank: int, world: int, out: str, extra_callbacks: list[Any], plain: bool = False) -> Any:
     import transformers
 
     from adams_dist.integrations.hf import AdamsTrainer
@@ -40,11 +40,11 @@ def _trainer(rank: int, world: int, out: str, extra_callbacks: list[Any]) -> Any
         output_dir=out, max_steps=STEPS, per_device_train_batch_size=BATCH, save_strategy="steps",
         save_steps=SAVE_AT, logging_steps=1, max_grad_norm=0.5, report_to=[], use_cpu=True, seed=0,
         disable_tqdm=True, dataloader_num_workers=0)
-    return AdamsTrainer(model=model, args=args, train_dataset=data, optimizers=(optimizer, None),
+    return (transformers.Trainer if plain else AdamsTrainer)(model=model, args=args, train_dataset=data, optimizers=(optimizer, None),
                         callbacks=extra_callbacks)
 
 
-def _train(rank: int, world: int, out: str, resume: str | None) -> dict[str, Any]:
+def _train(rank: int, world: int, out: str, resume: str | None, plain: bool = False) -> dict[str, Any]:
     import transformers
 
     from adams_dist.integrations.hf import unwrap
@@ -66,7 +66,7 @@ def _train(rank: int, world: int, out: str, resume: str | None) -> dict[str, Any
             if state.global_step == SAVE_AT:
                 seen["state_at_save"] = unwrap(kw["optimizer"]).state_dict()  # a collective: every rank
 
-    trainer = _trainer(rank, world, out, [Watch()])
+    trainer = _trainer(rank, world, out, [Watch()], plain)
     trainer.train(resume_from_checkpoint=resume)
     seen["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     seen["params"] = [p.detach().clone() for p in trainer.model.parameters()]
@@ -109,3 +109,14 @@ def test_trainer_at_w2_resumes_exactly_without_ddp_allreduce(tmp_path) -> None:
 
     one = run(_train, 1, str(tmp_path / "at_w1"), ckpt, timeout=300)[0]  # the W=2 checkpoint at W=1
     _same_state(one["state_at_start"], full[0]["state_at_save"])
+
+
+def test_trainer_resumes_from_a_plain_trainer_checkpoint(tmp_path) -> None:
+    """A checkpoint of transformers.Trainer itself (optimizer.pt, one process) resumes under AdamsTrainer."""
+    needs("transformers")
+    plain = run(_train, 1, str(tmp_path / "plain"), None, True, timeout=300)[0]
+    ckpt = str(tmp_path / "plain" / f"checkpoint-{SAVE_AT}")
+    assert os.path.isfile(os.path.join(ckpt, "optimizer.pt"))
+    resumed = run(_train, 1, str(tmp_path / "resumed"), ckpt, timeout=300)[0]
+    _same_state(resumed["state_at_start"], plain["state_at_save"])
+    torch.testing.assert_close(torch.tensor(resumed["losses"]), torch.tensor(plain["losses"]), rtol=1e-6, atol=0)
