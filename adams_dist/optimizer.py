@@ -394,6 +394,7 @@ class ShardedOptimizer(Optimizer):
             for i, w in zip(part, wide):
                 for n in names:
                     quant8.store_(w[n], states[i], n)
+            del wide, w  # before the next batch's copies exist
             start = end
 
     def _full_master(self, st: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 BLOCK = 256  # elements per scale: 4 bytes of scale per 256 codes, 1/64 of a byte per element
 CODE_DTYPES = {"exp_avg": torch.int8, "exp_avg_sq": torch.uint8}  # m signed; v unsigned, in the sqrt domain
 QMAX = {torch.int8: 127, torch.uint8: 255}
+CHUNK = BLOCK * 1024  # elements (whole blocks) quantized in one pass: 256K, so temporaries stay about 1 MB each
 
 
 def n_blocks(numel: int) -> int:
@@ -38,10 +39,14 @@ def _blocks(x: torch.Tensor) -> torch.Tensor:
 
 def quantize_(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
     """Store flat ``x`` into ``codes`` (int8: signed, uint8: sqrt domain) and ``scales`` (float32, one per block)."""
-    if not x.numel():
-        return
+    x = x.reshape(-1)
+    for lo in range(0, x.numel(), CHUNK):  # whole blocks at a time: the temporaries stay CHUNK-sized
+        _quantize_chunk(x[lo: lo + CHUNK], codes[lo: lo + CHUNK], scales[lo // BLOCK: (lo + CHUNK) // BLOCK])
+
+
+def _quantize_chunk(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
     qmax = QMAX[codes.dtype]
-    xb = _blocks(x.reshape(-1))
+    xb = _blocks(x)
     if codes.dtype == torch.uint8:
         xb = xb.sqrt()
     scales.copy_(xb.abs().amax(dim=1) / qmax)  # NaN in a block makes its scale NaN: it reads back as NaN
@@ -52,11 +57,15 @@ def quantize_(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> Non
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The flat values ``codes`` and ``scales`` stand for, as a new ``dtype`` tensor."""
-    n = codes.numel()
-    if not n:
-        return torch.zeros(0, dtype=dtype, device=codes.device)
-    x = (_blocks(codes.reshape(-1).to(dtype)) * scales.to(dtype)[:, None]).view(-1)[:n]
-    return x.square_() if codes.dtype == torch.uint8 else x
+    codes = codes.reshape(-1)
+    out = torch.empty(codes.numel(), dtype=dtype, device=codes.device)
+    for lo in range(0, codes.numel(), CHUNK):
+        c, part = codes[lo: lo + CHUNK], out[lo: lo + CHUNK]
+        x = (_blocks(c.to(dtype)) * scales[lo // BLOCK: (lo + CHUNK) // BLOCK].to(dtype)[:, None]).view(-1)
+        part.copy_(x[: c.numel()])
+        if codes.dtype == torch.uint8:
+            part.square_()
+    return out
 
 
 def new_scales(names: tuple[str, ...], numel: int, device: torch.device) -> dict[str, torch.Tensor]:

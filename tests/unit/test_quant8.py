@@ -55,6 +55,16 @@ def test_roundtrip_matches_the_float64_model_and_its_error_bounds(n: int, dtype:
             torch.testing.assert_close(got.double(), model, rtol=0, atol=0)
 
 
+def test_chunked_passes_give_the_same_codes(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(10 * B + 3, generator=torch.Generator().manual_seed(1))
+    for name, xx in (("exp_avg", x), ("exp_avg_sq", x.square())):
+        whole = _roundtrip(xx, name)
+        monkeypatch.setattr(quant8, "CHUNK", 3 * B)  # four passes, the last one short
+        chunked = _roundtrip(xx, name)
+        monkeypatch.undo()
+        assert all(torch.equal(a, b) for a, b in zip(whole, chunked))
+
+
 def test_zero_blocks_and_the_block_max_are_exact() -> None:
     x = torch.zeros(3 * B + 5)
     x[B + 3] = -2.5  # block 1 holds one value: its absmax, exact
