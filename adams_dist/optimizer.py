@@ -17,12 +17,14 @@ from typing import Any
 import torch
 from torch.optim.optimizer import Optimizer
 
-from . import ablations, ddp, decay, fsdp, rounding, state_io, validation
+from . import ablations, ddp, decay, fsdp, quant8, rounding, state_io, validation
 from .comm import DEFAULT_TIMEOUT
 from .control import Control, agreement_values
 from .layout import Slot
 from .rules import Rule
 from .shards import Grads, Shards, make_shards
+
+QUANT_BATCH = 1 << 22  # moment_dtype="8bit": elements whose moments are dequantized at once
 
 
 class ShardedOptimizer(Optimizer):
@@ -39,7 +41,7 @@ class ShardedOptimizer(Optimizer):
         defaults: dict[str, Any],
         *,
         master_dtype: torch.dtype | None = torch.float32,
-        moment_dtype: torch.dtype | None = None,
+        moment_dtype: torch.dtype | str | None = None,
         process_group: Any | None = None,
         bucket_mb: float = 32.0,
         overlap: bool = False,
@@ -115,7 +117,10 @@ class ShardedOptimizer(Optimizer):
             dtypes: dict[str, torch.dtype | None] = {"master_param": self.master_dtype}
             if self.master_remainder:  # the master's bf16 part is the parameter's own dtype
                 dtypes = {"master_param": None, "master_remainder": torch.int16}
-            dtypes.update(dict.fromkeys(self.rule.state_names, self.moment_dtype))
+            if isinstance(self.moment_dtype, str):  # "8bit": codes here, their scales added per slot (quant8.py)
+                dtypes.update(quant8.CODE_DTYPES)
+            else:
+                dtypes.update(dict.fromkeys(self.rule.state_names, self.moment_dtype))
             self._shards = make_shards(new_params, self._process_group, dtypes, self.compute_dtype, self.bucket_mb,
                                        self.grad_comm_dtype, self.overlap, self.collective_timeout)
         elif (fsdp.mesh_group(new_params) is not None) != self._shards.takes_dtensors:
@@ -350,18 +355,47 @@ class ShardedOptimizer(Optimizer):
                 return
         masters = [st["master_param"] for st in states]
         full = [g if (g := grads[s.index]) is not None else torch.zeros_like(m) for s, m in zip(slots, masters)]
-        rule_state = {name: [st[name] for st in states] for name in self.rule.state_names}
-        compiled = self.kernel_path == "compiled"
-        ok = self.rule.apply(masters, full, rule_state, steps, group, lr, self._reduce_min, decays,
-                             compiled=compiled, strict=self.kernel == "compiled")
-        if compiled and not ok:  # a broken toolchain must not stop training when the user did not ask for it
-            self.kernel = "foreach"
+        if self.moment_dtype == "8bit":
+            self._apply_8bit(group, lr, states, masters, full, steps, decays)
+        else:
+            self._apply_rule(group, lr, states, masters, full, steps, decays)
         for slot, st, value, t in zip(slots, stored or (), masters, steps):
             if self.master_remainder:  # exact: the bf16 parameter and the remainder
                 rounding.split_(value, st["master_param"], st["master_remainder"])
             else:  # no master: the bf16 parameter, rounded stochastically
                 rounding.stochastic_round_(st["master_param"], value,
                                            rounding.key(self.rounding_seed, slot.index, int(t)), slot.local_range[0])
+
+    def _apply_rule(self, group: dict[str, Any], lr: float, states: list[dict[str, Any]], masters: list[torch.Tensor],
+                    grads: list[torch.Tensor], steps: list[float], decays: list[decay.Decay]) -> None:
+        rule_state = {name: [st[name] for st in states] for name in self.rule.state_names}
+        compiled = self.kernel_path == "compiled"
+        ok = self.rule.apply(masters, grads, rule_state, steps, group, lr, self._reduce_min, decays,
+                             compiled=compiled, strict=self.kernel == "compiled")
+        if compiled and not ok:  # a broken toolchain must not stop training when the user did not ask for it
+            self.kernel = "foreach"
+
+    def _apply_8bit(self, group: dict[str, Any], lr: float, states: list[dict[str, Any]], masters: list[torch.Tensor],
+                    grads: list[torch.Tensor], steps: list[float], decays: list[decay.Decay]) -> None:
+        """The rule on moments dequantized a few parameters at a time (it is element-wise, so any split
+        of the group gives the same update), quantized back after: the step computes in the master's
+        precision, and the extra memory is the float moments of about QUANT_BATCH elements."""
+        names, dtype = self.rule.state_names, self.compute_dtype
+        start = 0
+        while start < len(states):
+            end, numel = start, 0
+            while end < len(states) and (end == start or numel + masters[end].numel() <= QUANT_BATCH):
+                numel += masters[end].numel()
+                end += 1
+            part = range(start, end)
+            wide = [dict(states[i], **{n: quant8.load(states[i], n, dtype) for n in names}) for i in part]
+            self._apply_rule(group, lr, wide, [masters[i] for i in part], [grads[i] for i in part],
+                             [steps[i] for i in part], [decays[i] for i in part])
+            for i, w in zip(part, wide):
+                for n in names:
+                    quant8.store_(w[n], states[i], n)
+            del wide, w  # before the next batch's copies exist
+            start = end
 
     def _full_master(self, st: dict[str, Any]) -> dict[str, Any]:
         """``st`` with its master in the compute dtype: put together from the bf16 parameter and the

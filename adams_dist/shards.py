@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import fsdp
+from . import fsdp, quant8
 from .comm import DONE, Comm, Handle
 from .layout import Slot, make_slot
 
@@ -43,6 +43,8 @@ class Shards:
         self.master_dtype = master_dtype
         self.dtypes = dtypes
         self.names = tuple(dtypes)
+        # moment_dtype="8bit": entries held as 8-bit codes, with float32 scales in "<name>_scale" (quant8.py)
+        self.quantized = tuple(n for n, d in dtypes.items() if d in quant8.QMAX)
         self.slots: list[Slot] = []
         self._grads: Grads | None = None  # this step's gradient rows per slot, kept until discard()
         self._versions: dict[int, int] = {}  # param version after our last write: a change means a user edit
@@ -81,6 +83,7 @@ class Shards:
             state["master_param"].copy_(p.reshape(-1))
         if slot.spectral is not None:
             state["u"] = torch.ones(slot.local_rows, dtype=self.master_dtype, device=p.device)
+        state.update(quant8.new_scales(self.quantized, p.numel(), p.device))
         return state
 
     # ------------------------------------------------------------------ collectives
@@ -209,8 +212,18 @@ class Shards:
 
     def local_state(self, state: dict[Any, dict[str, Any]]) -> dict[int, dict[str, torch.Tensor]]:
         """Copies of this rank's rows of every parameter's per-element state (and u) by slot index, flat."""
-        return {s.index: {name: state[s.param][name].detach().clone() for name in self._names_of(s)}
-                for s in self.slots}
+        return {s.index: {name: self.exported(state[s.param], name) for name in self._names_of(s)} for s in self.slots}
+
+    def exported(self, st: dict[str, Any], name: str) -> torch.Tensor:
+        """A copy of one state entry as state dicts hold it: quantized moments as float32 values."""
+        return quant8.load(st, name, torch.float32) if name in self.quantized else st[name].detach().clone()
+
+    def load_rows(self, st: dict[str, Any], name: str, rows: torch.Tensor) -> None:
+        """Set one state entry from this rank's rows of a state dict's (float) entry."""
+        if name in self.quantized:
+            quant8.store_(rows.to(self.master_dtype), st, name)
+        else:
+            st[name].copy_(rows)
 
     def gather_state(self, state: dict[Any, dict[str, Any]]) -> dict[int, dict[str, torch.Tensor]]:
         """Every parameter's whole per-element state (and u) by slot index, flat."""

@@ -213,7 +213,7 @@ def load_state_dict(opt: ShardedOptimizer, sd: dict[str, Any]) -> None:
                 rows = shards.rows_of(slot, entry[name]).to(torch.float32)
                 rounding.split_(rows, state["master_param"], state["master_remainder"])
             elif layout is None or name not in layout.saved_shapes:
-                state[name].copy_(shards.rows_of(slot, entry[name]))
+                shards.load_rows(state, name, shards.rows_of(slot, entry[name]))
         if layout is not None:
             layout.load(state, entry)
         if slot.spectral is not None:

@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
-from . import ablations
+from . import ablations, quant8
 from .rules import KERNELS, Rule
 from .rules.base import finite_real
+from .rules.elementwise import ElementwiseRule
 from .spectral import SpectralShape
 
 ENGINE_KEYS = ("params", "param_names", "initial_lr")  # param-group entries that are not hyperparameters
@@ -43,16 +44,25 @@ def check_engine_options(master_dtype: Any, bucket_mb: Any, grad_comm_dtype: Any
     return kernel
 
 
-def check_moment_dtype(moment_dtype: Any, master_dtype: torch.dtype, rule: Any) -> torch.dtype:
-    """The dtype the rule's moments are stored in: ``master_dtype`` when None; bfloat16 stores half the bytes."""
+def check_moment_dtype(moment_dtype: Any, master_dtype: torch.dtype, rule: Any) -> torch.dtype | str:
+    """How the rule's moments are stored: ``master_dtype`` when None; bfloat16 stores half the bytes, "8bit"
+    blockwise-quantized codes (adams_dist/quant8.py) a quarter."""
     if moment_dtype is None:
         return master_dtype
+    if isinstance(moment_dtype, str) and moment_dtype == "8bit":
+        # The engine dequantizes a few parameters at a time: the rule must be element-wise, its state (m, v)
+        if not isinstance(rule, ElementwiseRule) or rule.state_names != tuple(quant8.CODE_DTYPES):
+            why = "is not element-wise" if not isinstance(rule, ElementwiseRule) else \
+                f"keeps the state {list(rule.state_names)}"
+            raise ValueError(f"moment_dtype='8bit' needs an element-wise rule with the state (exp_avg, exp_avg_sq); "
+                             f"the {rule.name} rule {why}")
+        return moment_dtype
     if moment_dtype == torch.float16:
         raise ValueError(f"moment_dtype=torch.float16 cannot hold the {rule.name} rule's second moment: squared "
                          "gradients below 6e-8 flush to zero in float16; use torch.bfloat16 (float32's range)")
     if moment_dtype not in MOMENT_DTYPES:
-        raise ValueError(f"moment_dtype must be one of {', '.join(map(str, MOMENT_DTYPES))} or None (the master "
-                         f"dtype), got {moment_dtype!r}")
+        raise ValueError(f"moment_dtype must be one of {', '.join(map(str, MOMENT_DTYPES))}, '8bit' or None (the "
+                         f"master dtype), got {moment_dtype!r}")
     return moment_dtype
 
 

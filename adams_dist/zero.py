@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
+from . import quant8
 from .comm import Comm
 from .fsdp import DTensor, Shard
 from .layout import Bucket, Slot, gather_rows, pack_buckets, scatter_rows
@@ -100,13 +101,15 @@ class ZeroBuckets(Shards):
                 )
 
     def state_of(self, slot: Slot) -> dict[str, torch.Tensor]:
-        flat = self._flat[self._bucket_of[slot.index]]
+        bi = self._bucket_of[slot.index]
+        flat = self._flat[bi]
         state = {name: flat[name][slot.offset: slot.offset + slot.local_numel] for name in self.names if name in flat}
         if "master_param" not in flat:  # the parameter's own rows
             lo, hi = slot.local_range
             state["master_param"] = slot.param.detach().view(-1)[lo:hi]
         if slot.spectral is not None:
             state["u"] = flat["u"][slot.u_offset: slot.u_offset + slot.local_rows]
+        state.update(quant8.new_scales(self.quantized, slot.local_numel, self.buckets[bi].device))
         return state
 
     # ------------------------------------------------------------------ gradients in
@@ -250,17 +253,20 @@ class ZeroBuckets(Shards):
 
     @staticmethod
     def _section(bucket: Bucket, flat: dict[str, torch.Tensor], name: str, state: dict[Any, dict[str, Any]],
-                 into: torch.Tensor | None = None) -> torch.Tensor:
+                 into: torch.Tensor | None = None, dequantize: bool = False) -> torch.Tensor:
         """This rank's section of one state entry (copied ``into`` a buffer when given): its own buffer, or
-        for a master that lives in the parameters, their rows packed."""
-        if name in flat and into is None:
+        for a master that lives in the parameters, their rows packed; ``dequantize``: 8-bit moments' float32 values."""
+        if name in flat and into is None and not dequantize:
             return flat[name]
-        out = torch.zeros(bucket.section_numel, dtype=bucket.dtype, device=bucket.device) if into is None else into
-        if name in flat:
+        dtype = torch.float32 if dequantize else bucket.dtype
+        out = torch.zeros(bucket.section_numel, dtype=dtype, device=bucket.device) if into is None else into
+        if name in flat and not dequantize:
             return out.copy_(flat[name])
         out.zero_()  # the padding between slots
         for slot in bucket.slots:
-            out[slot.offset: slot.offset + slot.local_numel].copy_(state[slot.param][name])
+            st = state[slot.param]
+            out[slot.offset: slot.offset + slot.local_numel].copy_(
+                quant8.load(st, name, dtype) if dequantize else st[name])
         return out
 
     def _unpack(self, work: Any, out: torch.Tensor, _send: torch.Tensor, bucket: Bucket) -> None:
@@ -282,7 +288,7 @@ class ZeroBuckets(Shards):
         full: dict[int, dict[str, torch.Tensor]] = {s.index: {} for s in self.slots}
         for bucket, flat in zip(self.buckets, self._flat):
             for name in flat if "master_param" in flat else ("master_param", *flat):
-                buf = self._section(bucket, flat, name, state)
+                buf = self._section(bucket, flat, name, state, dequantize=name in self.quantized)
                 out = torch.empty(buf.numel() * w, dtype=buf.dtype, device=buf.device)
                 self.comm.all_gather(out, buf, f"the all-gather of optimizer state '{name}'", side=True).wait()
                 for slot in bucket.slots:

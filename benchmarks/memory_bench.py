@@ -41,6 +41,12 @@ OPTIMIZERS = {
     # bf16 parameters only: the fp32 master kept exactly as the parameter plus an int16 remainder
     "adams_dist Adams_ZeRO bf16 moments, remainder": lambda ps: adams_dist.Adams_ZeRO(
         ps, master_remainder=True, moment_dtype=torch.bfloat16),
+    # m and v as 8-bit codes with a float32 scale per 256 elements (adams_dist/quant8.py)
+    "adams_dist Adams_ZeRO 8bit moments": lambda ps: adams_dist.Adams_ZeRO(ps, moment_dtype="8bit"),
+    "adams_dist Adams_ZeRO 8bit moments, remainder": lambda ps: adams_dist.Adams_ZeRO(
+        ps, master_remainder=True, moment_dtype="8bit"),
+    "adams_dist Adams_ZeRO 8bit moments, no master": lambda ps: adams_dist.Adams_ZeRO(
+        ps, master_dtype=None, moment_dtype="8bit"),
     "adams-torch Adams_ZeRO": lambda ps: adams.Adams_ZeRO(ps),
     "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, foreach=True),
     "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, fused=True),

@@ -112,6 +112,24 @@ FORMULAS: dict[str, Formula] = {
 assert set(FORMULAS) == set(DEFAULTS)
 
 
+def quantized64(x: torch.Tensor, signed: bool, block: int = 256) -> torch.Tensor:
+    """Float64 model of adams_dist/quant8.py: what ``x`` reads back as after 8-bit blockwise storage.
+
+    Blocks of ``block`` consecutive elements of the flattened tensor (the last one short); signed: code in
+    [-127, 127] times absmax/127; unsigned: in the sqrt domain, (code * absmax(sqrt x)/255)**2, code in
+    [0, 255]. The scale is stored in float32; codes are rounded to nearest (ties to even, as torch.round).
+    """
+    flat = x.detach().to(F64).reshape(-1)
+    out = torch.empty_like(flat)
+    qmax = 127 if signed else 255
+    for lo in range(0, flat.numel(), block):
+        b = flat[lo: lo + block] if signed else flat[lo: lo + block].sqrt()
+        scale = float(torch.tensor(float(b.abs().max()) / qmax, dtype=torch.float32))
+        codes = (b / scale).round().clamp(-qmax if signed else 0, qmax) if scale > 0 else torch.zeros_like(b)
+        out[lo: lo + block] = codes * scale if signed else (codes * scale) ** 2
+    return out.view(x.shape)
+
+
 class _P:
     """One parameter of the reference: float64 value, moments, step count, spectral state."""
 
@@ -140,7 +158,8 @@ class _P:
 class Reference:
     """A float64, one-parameter-at-a-time implementation of every adams_dist rule."""
 
-    def __init__(self, rule: str, params: Sequence[Any], moment_dtype: torch.dtype | None = None, **defaults: Any):
+    def __init__(self, rule: str, params: Sequence[Any], moment_dtype: torch.dtype | str | None = None,
+                 **defaults: Any):
         rule = rule.lower().replace("-", "").replace("_", "")
         if rule == "adamszero":
             rule = "adams"
@@ -250,7 +269,10 @@ class Reference:
             if self.rule == "homeadamew" and p.v.numel():
                 self.ew_margin = min(self.ew_margin, float((p.v / c2 / _f(group["tau"]) - 1.0).abs().min()))
             p.value.sub_(lr * formula(p.m, p.v, c1, c2, group, adaptive[k] if adaptive else None))
-        if self.moment_dtype is not None:  # the step used the exact moments; storage rounds them (to nearest)
+        if self.moment_dtype == "8bit":  # stored as blockwise 8-bit codes (one process: blocks over the whole param)
+            for p, _g in live:
+                p.m, p.v = quantized64(p.m, signed=True), quantized64(p.v, signed=False)
+        elif self.moment_dtype is not None:  # the step used the exact moments; storage rounds them (to nearest)
             for p, _g in live:
                 p.m, p.v = p.m.to(self.moment_dtype).to(F64), p.v.to(self.moment_dtype).to(F64)
 

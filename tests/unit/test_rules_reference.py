@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import adams_dist
+from adams_dist import quant8
 
 try:
     from tests.reference64 import Reference
@@ -498,6 +499,28 @@ def test_bf16_moments_match_the_reference_with_moments_stored_in_bf16(rule):
     assert max(float((r - e).abs().max()) for r, e in zip(rounded, exact)) > 1e-6  # the rounding is visible
 
 
+@pytest.mark.parametrize("rule", [r for r in RULES if r != "homeadam"])
+def test_8bit_moments_match_the_reference_with_the_same_quantizer(rule):
+    """float64 masters: each step computes with the dequantized moments and stores them quantized, as the
+    reference's float64 model of the format does; every param here is one short block. The moments read back
+    agree to float64 rounding (one code apart would be ~1e-2 relative). The params: float64 masters differ from
+    the reference by up to 5e-8 already with float32 moments (Adams' spectral decay), far below one code's
+    effect on a step (~1e-5)."""
+    f64 = {"master_dtype": torch.float64}
+    params, opt, ref, quantized = _run(rule, torch.float64, ctor={**f64, "moment_dtype": "8bit"})
+    _, _, _, exact = _run(rule, torch.float64, ctor=f64)
+    assert [opt.state[params[2]][k].dtype for k in ("exp_avg", "exp_avg_sq")] == [torch.int8, torch.uint8]
+    for i, p in enumerate(params):
+        mine, theirs = opt.state[p], ref._ps[ORDER.index(i)]
+        for name, want in (("exp_avg", theirs.m), ("exp_avg_sq", theirs.v)):
+            got = quant8.load(mine, name, torch.float64)
+            torch.testing.assert_close(got, want.reshape(-1), rtol=1e-12, atol=1e-15,
+                                       msg=lambda s, i=i, name=name: f"param {i} {name}: {s}")
+    for i, (p, r) in enumerate(zip(params, quantized)):
+        torch.testing.assert_close(p.detach(), r, rtol=1e-6, atol=1e-7, msg=lambda s, i=i: f"param {i}: {s}")
+    assert max(float((r - e).abs().max()) for r, e in zip(quantized, exact)) > 1e-5  # the quantization shows
+
+
 def test_bad_moment_dtypes_are_refused_at_construction():
     w = nn.Parameter(torch.randn(3, 4))
     with pytest.raises(ValueError, match="float16 cannot hold"):
@@ -506,3 +529,9 @@ def test_bad_moment_dtypes_are_refused_at_construction():
         adams_dist.AdamW([w], moment_dtype=torch.int8)
     with pytest.raises(ValueError, match="cannot be combined"):
         adams_dist.AdamW([w], moment_dtype=torch.bfloat16, second_moment="row")
+    with pytest.raises(ValueError, match="cannot be combined"):
+        adams_dist.AdamW([w], moment_dtype="8bit", second_moment="row")
+    with pytest.raises(ValueError, match="homeadam rule is not element-wise"):
+        adams_dist.HomeAdam([w], moment_dtype="8bit")
+    with pytest.raises(ValueError, match="moment_dtype must be one of"):
+        adams_dist.AdamW([w], moment_dtype="4bit")
