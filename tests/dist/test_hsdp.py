@@ -141,6 +141,44 @@ def test_other_2d_layouts_are_refused() -> None:
     assert "placements" in message and "(Replicate(), Shard(0))" in message
 
 
+def submesh_worker(rank: int, world: int) -> dict:
+    """HSDP on the ("replicate", "shard") part of a 3-D mesh: each "pp" stage trains its own copy."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    world_mesh = init_device_mesh("cpu", (2, 1, 2), mesh_dim_names=("pp", "replicate", "shard"))
+    mesh = world_mesh["replicate", "shard"]
+    torch.manual_seed(0)
+    model = Net()
+    fully_shard(model, mesh=mesh)
+    mark(model)
+    adams_dist.AdamW(model.parameters(), lr=1e-3)  # a second optimizer on the same mesh reuses its group
+    opt = adams_dist.Adams_ZeRO(model.parameters(), **HP["adams"])
+    for step in range(3):
+        loss_of(model, batch(step, mesh.get_local_rank("shard"))).backward()
+        opt.step()
+        opt.zero_grad()
+    return {"world": opt.world_size, "norm": float(opt.last_grad_norm),
+            "params": [p.full_tensor().detach().clone() for p in model.parameters()]}
+
+
+def test_hsdp_on_part_of_a_larger_mesh() -> None:
+    results = run(submesh_worker, 4, timeout=240)
+    torch.manual_seed(0)
+    model = Net()
+    mark(model)
+    opt = adams_dist.Adams_ZeRO(model.parameters(), **HP["adams"])
+    for step in range(3):
+        (sum(loss_of(model, batch(step, r)) for r in range(2)) / 2).backward()
+        opt.step()
+        opt.zero_grad()
+    for res in results:
+        assert res["world"] == 2  # the optimizer's group: the 2 ranks of its stage, not all 4
+        assert res["norm"] == pytest.approx(float(opt.last_grad_norm), rel=1e-5)
+        for got, exp in zip(res["params"], model.parameters(), strict=True):
+            torch.testing.assert_close(got, exp.detach(), rtol=1e-4, atol=2e-5)
+
+
 def save_worker(rank: int, world: int, path: str) -> list[torch.Tensor]:
     import torch.distributed.checkpoint as dcp
 
