@@ -3,8 +3,8 @@
 - ``LocalRows``: one process; every row is local and the gradient is ``p.grad`` itself.
 - ``ZeroBuckets`` (zero.py): ZeRO over a process group; rows packed into flat buckets, gradients
   averaged with one reduce-scatter per bucket, updated rows all-gathered back into the parameters.
-- ``DTensorRows``: FSDP2 (or hand-built Shard(0) DTensor) parameters; each rank already holds its
-  rows and FSDP2 has already averaged their gradients.
+- ``DTensorRows``: FSDP2 (or hand-built Shard(0) DTensor) parameters, or HSDP's (Replicate, Shard(0));
+  each rank already holds its rows and FSDP2 has already averaged their gradients.
 
 Each owns its state buffers, gradient reduction (``start_reduce`` then ``wait_reduce``), the
 write-back of updated rows, state gathering for state dicts, and ``rows_of`` (this rank's rows of a

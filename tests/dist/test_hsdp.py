@@ -59,6 +59,27 @@ def build(mesh_shape: tuple[int, ...], name: str, **hp):
     return model, adams_dist.create_optimizer(name, model.parameters(), **{**HP[name], **hp})
 
 
+def submesh_part() -> dict:
+    """HSDP on the ("replicate", "shard") part of a 3-D mesh: each "pp" stage trains its own copy."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    world_mesh = init_device_mesh("cpu", (2, 1, 2), mesh_dim_names=("pp", "replicate", "shard"))
+    mesh = world_mesh["replicate", "shard"]
+    torch.manual_seed(0)
+    model = Net()
+    fully_shard(model, mesh=mesh)
+    mark(model)
+    adams_dist.AdamW(model.parameters(), lr=1e-3)  # a second optimizer on the same mesh reuses its group
+    opt = adams_dist.Adams_ZeRO(model.parameters(), **HP["adams"])
+    for step in range(3):
+        loss_of(model, batch(step, mesh.get_local_rank("shard"))).backward()
+        opt.step()
+        opt.zero_grad()
+    return {"world": opt.world_size, "norm": float(opt.last_grad_norm),
+            "params": [p.full_tensor().detach().clone() for p in model.parameters()]}
+
+
 def train_worker(rank: int, world: int) -> dict:
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
@@ -90,6 +111,7 @@ def train_worker(rank: int, world: int) -> dict:
         out["refusal"] = ""
     except ValueError as e:
         out["refusal"] = str(e)
+    out["submesh"] = submesh_part()
     return out
 
 
@@ -141,29 +163,8 @@ def test_other_2d_layouts_are_refused() -> None:
     assert "placements" in message and "(Replicate(), Shard(0))" in message
 
 
-def submesh_worker(rank: int, world: int) -> dict:
-    """HSDP on the ("replicate", "shard") part of a 3-D mesh: each "pp" stage trains its own copy."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    world_mesh = init_device_mesh("cpu", (2, 1, 2), mesh_dim_names=("pp", "replicate", "shard"))
-    mesh = world_mesh["replicate", "shard"]
-    torch.manual_seed(0)
-    model = Net()
-    fully_shard(model, mesh=mesh)
-    mark(model)
-    adams_dist.AdamW(model.parameters(), lr=1e-3)  # a second optimizer on the same mesh reuses its group
-    opt = adams_dist.Adams_ZeRO(model.parameters(), **HP["adams"])
-    for step in range(3):
-        loss_of(model, batch(step, mesh.get_local_rank("shard"))).backward()
-        opt.step()
-        opt.zero_grad()
-    return {"world": opt.world_size, "norm": float(opt.last_grad_norm),
-            "params": [p.full_tensor().detach().clone() for p in model.parameters()]}
-
-
 def test_hsdp_on_part_of_a_larger_mesh() -> None:
-    results = run(submesh_worker, 4, timeout=240)
+    results = [r["submesh"] for r in hsdp_results()]
     torch.manual_seed(0)
     model = Net()
     mark(model)
@@ -179,42 +180,46 @@ def test_hsdp_on_part_of_a_larger_mesh() -> None:
             torch.testing.assert_close(got, exp.detach(), rtol=1e-4, atol=2e-5)
 
 
-def save_worker(rank: int, world: int, path: str) -> list[torch.Tensor]:
+def resume_worker(rank: int, world: int, path: str, load: str | None, steps: tuple[int, int, int],
+                  save: str | None) -> dict:
+    """HSDP 2x2 at W=4, FSDP2 at W=2: load ``load`` (if any), train ``steps[0]``..``steps[1]``, save to
+    ``save`` (if any), train on to ``steps[2]``. Every run averages the gradients of batches 0 and 1."""
     import torch.distributed.checkpoint as dcp
 
-    model, opt = build((2, 2), "adams", max_grad_norm=None)
-    for step in range(3):
-        loss_of(model, batch(step, rank)).backward()
-        opt.step()
-        opt.zero_grad()
-    adams_dist.save_sharded_optimizer(os.path.join(path, "optim"), opt)
-    dcp.save(model.state_dict(), checkpoint_id=os.path.join(path, "model"))
-    for step in range(3, 6):  # the continuation: both replicas see the data of W=2's ranks 0 and 1
-        loss_of(model, batch(step, rank % 2)).backward()
-        opt.step()
-        opt.zero_grad()
-    return [p.full_tensor().detach().clone() for p in model.parameters()]
+    model, opt = build((2, 2) if world == 4 else (2,), "adams", max_grad_norm=None)
+    if load is not None:
+        state = model.state_dict()
+        dcp.load(state, checkpoint_id=os.path.join(path, load, "model"))
+        model.load_state_dict(state)
+        adams_dist.load_sharded_optimizer(os.path.join(path, load, "optim"), opt)
+    def train(first: int, stop: int) -> None:
+        for step in range(first, stop):
+            loss_of(model, batch(step, rank % 2)).backward()
+            opt.step()
+            opt.zero_grad()
+
+    train(steps[0], steps[1])
+    out = {"mid": [p.full_tensor().detach().clone() for p in model.parameters()]}
+    if save is not None:
+        adams_dist.save_sharded_optimizer(os.path.join(path, save, "optim"), opt)
+        dcp.save(model.state_dict(), checkpoint_id=os.path.join(path, save, "model"))
+    train(steps[1], steps[2])
+    out["end"] = [p.full_tensor().detach().clone() for p in model.parameters()]
+    out["local"] = ([p.to_local().detach().clone() for p in model.parameters()]
+                    + [t.clone() for st in opt.state.values() for t in st.values() if isinstance(t, torch.Tensor)])
+    return out
 
 
-def load_worker(rank: int, world: int, path: str) -> list[torch.Tensor]:
-    import torch.distributed.checkpoint as dcp
-
-    model, opt = build((2,), "adams", max_grad_norm=None)
-    state = model.state_dict()
-    dcp.load(state, checkpoint_id=os.path.join(path, "model"))
-    model.load_state_dict(state)
-    adams_dist.load_sharded_optimizer(os.path.join(path, "optim"), opt)
-    for step in range(3, 6):
-        loss_of(model, batch(step, rank)).backward()
-        opt.step()
-        opt.zero_grad()
-    return [p.full_tensor().detach().clone() for p in model.parameters()]
-
-
-def test_sharded_checkpoint_from_hsdp_loads_into_fsdp() -> None:
+def test_sharded_checkpoint_moves_between_hsdp_and_fsdp() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        expected = run(save_worker, 4, tmp, timeout=240)[0]
-        results = run(load_worker, 2, tmp, timeout=240)
-    for res in results:
-        for got, exp in zip(res, expected, strict=True):
-            torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
+        hsdp = run(resume_worker, 4, tmp, None, (0, 3, 6), "hsdp", timeout=240)
+        fsdp = run(resume_worker, 2, tmp, "hsdp", (3, 6, 9), "fsdp", timeout=240)
+        back = run(resume_worker, 4, tmp, "fsdp", (6, 9, 9), None, timeout=240)
+    # HSDP -> FSDP2 at W=2 continues as the uninterrupted HSDP run, and FSDP2 -> HSDP as the FSDP2 run
+    for got_run, exp in ((fsdp, hsdp[0]["end"]), (back, fsdp[0]["end"])):
+        for res in got_run:
+            for got, want in zip(res["mid"], exp, strict=True):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in ((0, 2), (1, 3)):  # both replicas loaded the same rows and state
+        for x, y in zip(back[a]["local"], back[b]["local"], strict=True):
+            assert torch.equal(x, y)
