@@ -82,7 +82,7 @@ def sigmas(slots: list[Slot], state: dict[Any, dict[str, Any]], shards: Any) -> 
     slots = [s for s in slots if s.spectral is not None]
     if not slots:
         return {}
-    sq = torch.cat([state[s.param]["sigma_sq"] for s in slots])
+    sq = shards.rows_part(torch.cat([state[s.param]["sigma_sq"] for s in slots]))
     shards.all_reduce(sq, "the all-reduce of spectral norms", side=True).wait()
     heads = [s.spectral.heads for s in slots if s.spectral is not None]
     return {s.param: part.sqrt() for s, part in zip(slots, sq.split(heads))}

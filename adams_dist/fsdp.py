@@ -3,6 +3,12 @@
 FSDP2 has already reduce-scattered and averaged the gradients, so the engine only updates each
 rank's local rows. Those rows are the same rows the ZeRO layout would give (chunks of dim 0), so
 spectral decay runs unchanged: one all-reduce of the partial ``W^T u`` vectors over the mesh.
+
+HSDP (``fully_shard`` on a 2-D ``("replicate", "shard")`` mesh, placements ``(Replicate(), Shard(0))``):
+FSDP2 has averaged the gradients over both dims, so every replica holds the same rows and gradients.
+The optimizer's collectives span the whole mesh, but only the first replica contributes to the sums
+over rows (``W^T u``, the norms): the others add zeros, so each sum is the shard group's, counted once,
+and every rank receives the same bits, which keeps the replicas identical.
 """
 
 from __future__ import annotations
@@ -11,14 +17,17 @@ import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from .layout import Slot
 from .spectral import SpectralShape
 
 try:  # public since torch 2.5
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # pragma: no cover - older torch
-    from torch.distributed._tensor import DTensor, Shard  # type: ignore[no-redef]
+    from torch.distributed._tensor import DTensor, Replicate, Shard  # type: ignore[no-redef]
+
+_LAYOUTS = ((Shard(0),), (Replicate(), Shard(0)))  # FSDP2 on a 1-D mesh; HSDP on a 2-D mesh
 
 
 def is_dtensor(t: Any) -> bool:
@@ -30,8 +39,8 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def mesh_group(params: list[torch.Tensor]) -> Any | None:
-    """The process group of DTensor ``params`` (all on one 1-D mesh, sharded on dim 0); None if none are."""
+def _mesh_of(params: list[torch.Tensor]) -> Any | None:
+    """The device mesh of DTensor ``params`` (all on one mesh, in a supported layout); None if none are."""
     dtensors = [p for p in params if isinstance(p, DTensor)]
     if not dtensors:
         return None
@@ -42,10 +51,29 @@ def mesh_group(params: list[torch.Tensor]) -> Any | None:
     for i, p in enumerate(dtensors):
         if p.device_mesh != mesh:
             raise ValueError(f"parameter #{i} lives on a different device mesh; all must share one")
-        if mesh.ndim != 1 or len(p.placements) != 1 or p.placements[0] != Shard(0):
-            raise ValueError(f"parameter #{i} has placements {p.placements} on a {mesh.ndim}-D mesh; "
-                             "only Shard(0) on a 1-D mesh (FSDP2's layout) is supported")
-    return mesh.get_group()
+        if tuple(p.placements) not in _LAYOUTS:
+            raise ValueError(f"parameter #{i} has placements {p.placements} on a {mesh.ndim}-D mesh; only "
+                             "Shard(0) on a 1-D mesh (FSDP2) and (Replicate(), Shard(0)) on a 2-D mesh (HSDP) "
+                             "are supported")
+    return mesh
+
+
+def mesh_group(params: list[torch.Tensor]) -> Any | None:
+    """The process group of every rank of the DTensor ``params``' mesh; None if they are not DTensors."""
+    mesh = _mesh_of(params)
+    if mesh is None:
+        return None
+    if mesh.ndim == 1:
+        return mesh.get_group()
+    if mesh.size() == dist.get_world_size():
+        return dist.group.WORLD
+    return mesh._flatten().get_group()  # a 2-D mesh over some of the processes: one group of its ranks
+
+
+def counts_rows(params: list[torch.Tensor]) -> bool:
+    """Whether this rank adds its rows to sums over rows: on a 2-D (HSDP) mesh, the first replica only."""
+    mesh = _mesh_of(params)
+    return mesh is None or mesh.ndim == 1 or mesh.get_local_rank(0) == 0
 
 
 def _dim0_offset(p: Any) -> int:

@@ -198,11 +198,12 @@ class ShardedOptimizer(Optimizer):
         super().zero_grad(set_to_none=set_to_none)
 
     def _grad_norm_sq(self, grads: Grads) -> torch.Tensor:
+        """This rank's part of the squared global norm of ``grads`` (summed over the ranks by the caller)."""
         present = [g for g in grads if g is not None and g.numel()]
         if not present:
             return torch.zeros(1, dtype=torch.float32, device=self.device)
         norms = torch._foreach_norm(present)
-        return torch.stack([n.float() for n in norms]).square().sum().reshape(1)
+        return self._shards.rows_part(torch.stack([n.float() for n in norms]).square().sum().reshape(1))
 
     @torch.compiler.disable  # see step()
     @torch.no_grad()
@@ -288,7 +289,8 @@ class ShardedOptimizer(Optimizer):
         the counts every rank must agree on."""
         flags = torch.tensor([s.param.grad is not None for s in self._slots], dtype=torch.float32,
                              device=self.device)
-        wtu = {s.index: decay.wtu_partial(s, self._full_master(self.state[s.param])) for s in self._slots
+        wtu = {s.index: self._shards.rows_part(decay.wtu_partial(s, self._full_master(self.state[s.param])))
+               for s in self._slots
                if s.spectral is not None and float(self.param_groups[s.group_index]["weight_decay"]) != 0}
         return Control(flags, wtu, self._agreement_values())
 

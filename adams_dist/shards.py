@@ -3,8 +3,8 @@
 - ``LocalRows``: one process; every row is local and the gradient is ``p.grad`` itself.
 - ``ZeroBuckets`` (zero.py): ZeRO over a process group; rows packed into flat buckets, gradients
   averaged with one reduce-scatter per bucket, updated rows all-gathered back into the parameters.
-- ``DTensorRows``: FSDP2 (or hand-built Shard(0) DTensor) parameters; each rank already holds its
-  rows and FSDP2 has already averaged their gradients.
+- ``DTensorRows``: FSDP2 (or hand-built Shard(0) DTensor) parameters, or HSDP's (Replicate, Shard(0));
+  each rank already holds its rows and FSDP2 has already averaged their gradients.
 
 Each owns its state buffers, gradient reduction (``start_reduce`` then ``wait_reduce``), the
 write-back of updated rows, state gathering for state dicts, and ``rows_of`` (this rank's rows of a
@@ -53,6 +53,7 @@ class Shards:
         self.accumulating = False  # inside no_sync(): backward hooks launch no reduction
         self.backward_passes = 0  # since the last step, counted where hooks can see them (ZeRO)
         self.zero_grads = 0  # zero_grad() calls since the last step
+        self.counts_rows = True  # False on HSDP replicas past the first: they add zeros to sums over rows
 
     @property
     def sharded(self) -> str | None:
@@ -92,6 +93,11 @@ class Shards:
         """Start an all-reduce of ``t`` in place over the ranks that share rows; returns a handle to wait on.
         ``side``: on the second group, for calls some rank might make alone by mistake."""
         return self.comm.all_reduce(t, what, op=op, side=side) if self.comm else DONE
+
+    def rows_part(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a SUM over rows (a norm, ``W^T u``): ``t``, or zeros on a replica whose
+        rows another replica already counts (zeros, not ``t * 0``, which an inf would turn into NaN)."""
+        return t if self.counts_rows else torch.zeros_like(t)
 
     def reduce_min(self, t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
         """Element-wise min of ``t`` over the ranks, as float64 on the CPU."""
@@ -284,7 +290,8 @@ class LocalRows(Shards):
 
 
 class DTensorRows(Shards):
-    """DTensor parameters sharded on dim 0 (FSDP2): each rank updates the rows it already holds."""
+    """DTensor parameters sharded on dim 0 (FSDP2, or HSDP's replicated shards): each rank updates the rows
+    it already holds."""
 
     takes_dtensors = True
 
@@ -317,7 +324,9 @@ def make_shards(params: list[torch.Tensor], process_group: Any | None, dtypes: d
     mesh_group = fsdp.mesh_group(params)
     if mesh_group is not None:
         comm = Comm(mesh_group, timeout)
-        return DTensorRows(comm if comm.world_size > 1 else None, master_dtype, dtypes)
+        rows = DTensorRows(comm if comm.world_size > 1 else None, master_dtype, dtypes)
+        rows.counts_rows = fsdp.counts_rows(params)
+        return rows
     if process_group is not None or (dist.is_available() and dist.is_initialized()):
         comm = Comm(process_group, timeout)
         if comm.world_size > 1:
