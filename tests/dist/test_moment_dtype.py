@@ -1,6 +1,11 @@
-"""moment_dtype=torch.bfloat16 in every sharding mode: ZeRO at W=2 and 3 and FSDP2 at W=2 match one process,
-and sharded checkpoints resume across world sizes. The one-process rounding itself is checked against the
-float64 reference in tests/unit/test_rules_reference.py."""
+"""Stored moments in less precision, in every sharding mode: ZeRO and FSDP2 at W=2 match one process, and
+sharded checkpoints resume across world sizes. The one-process rounding (bf16) and quantizer (8bit) are
+checked against the float64 reference in tests/unit/test_rules_reference.py and tests/unit/test_quant8.py.
+
+8bit blocks are counted within each parameter's rows on a rank; its layer sizes put every shard boundary
+at W=2 on a block boundary (multiples of 256 elements per rank), so W=2 quantizes exactly as one process
+does and must match it to float32 rounding; W=3 cuts other blocks.
+"""
 
 from __future__ import annotations
 
@@ -17,22 +22,23 @@ from adams_dist.testing import run
 
 BF16 = torch.bfloat16
 STEPS, SAVE_AT = 6, 3
+MOMENT = {"bf16": BF16, "8bit": "8bit"}
+STORED = {"bf16": (BF16, BF16), "8bit": (torch.int8, torch.uint8)}  # exp_avg, exp_avg_sq
 
 
-def _model() -> nn.Module:
+def _model(kind: str) -> nn.Module:
     torch.manual_seed(0)
+    if kind == "8bit":  # (32, 64) and (16, 32): 1024 and 256 elements per rank at W=2, by rows or elements
+        return nn.Sequential(nn.Linear(64, 32, bias=False), nn.Tanh(), nn.Linear(32, 16, bias=False))
     return nn.Sequential(nn.Linear(7, 13), nn.Tanh(), nn.Linear(13, 5), nn.Tanh(), nn.Linear(5, 3))
 
 
-def _batch(step: int, rank: int, world: int) -> torch.Tensor:
-    x = torch.randn(12, 7, generator=torch.Generator().manual_seed(step))
-    n = 12 // world
-    return x[rank * n: (rank + 1) * n]
-
-
 def _train(model: nn.Module, opt: Any, steps: range, rank: int, world: int) -> None:
+    n_in = next(model.parameters()).shape[1]
     for step in steps:
-        model(_batch(step, rank, world)).square().mean().backward()
+        x = torch.randn(12, n_in, generator=torch.Generator().manual_seed(step))
+        n = 12 // world
+        model(x[rank * n: (rank + 1) * n]).square().mean().backward()
         opt.step()
         opt.zero_grad()
 
@@ -41,10 +47,20 @@ def _full(model: nn.Module) -> list[torch.Tensor]:
     return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for p in model.parameters()]
 
 
-def _zero(rank: int, world: int, rule: str, ckpt: str | None, load: bool) -> list[torch.Tensor]:
-    model = _model()
-    opt = adams_dist.create_optimizer(rule, model.named_parameters(), lr=1e-2, moment_dtype=BF16)
-    assert all(s["exp_avg"].dtype == BF16 for s in opt.state.values())
+def _optimizer(rule: str, params: Any, kind: str) -> Any:
+    return adams_dist.create_optimizer(rule, params, lr=1e-2, moment_dtype=MOMENT[kind])
+
+
+def _check_stored(opt: Any, kind: str) -> None:
+    m_dtype, v_dtype = STORED[kind]
+    for s in opt.state.values():
+        assert s["exp_avg"].dtype == m_dtype and s.get("exp_avg_sq", torch.empty(0, dtype=v_dtype)).dtype == v_dtype
+
+
+def _zero(rank: int, world: int, rule: str, kind: str, ckpt: str | None, load: bool) -> list[torch.Tensor]:
+    model = _model(kind)
+    opt = _optimizer(rule, model.named_parameters(), kind)
+    _check_stored(opt, kind)
     if load:
         assert ckpt is not None
         model.load_state_dict(torch.load(os.path.join(ckpt, "model.pt"), weights_only=True))
@@ -62,34 +78,55 @@ def _zero(rank: int, world: int, rule: str, ckpt: str | None, load: bool) -> lis
     return _full(model)
 
 
-def _fsdp(rank: int, world: int, rule: str) -> list[torch.Tensor]:
+def _fsdp(rank: int, world: int, rule: str, kind: str) -> list[torch.Tensor]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    model = _model()
+    model = _model(kind)
     fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
-    opt = adams_dist.create_optimizer(rule, model.parameters(), lr=1e-2, moment_dtype=BF16)
-    assert all(s["exp_avg"].dtype == BF16 for s in opt.state.values())
+    opt = _optimizer(rule, model.parameters(), kind)
+    _check_stored(opt, kind)
     _train(model, opt, range(STEPS), rank, world)
     return _full(model)
 
 
-def _close(got: list[torch.Tensor], want: list[torch.Tensor], what: str) -> None:
+def _close(got: list[torch.Tensor], want: list[torch.Tensor], what: str, tol: float) -> None:
     for i, (g, w) in enumerate(zip(got, want)):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=lambda m, i=i: f"{what}: param {i}: {m}")
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol, msg=lambda m, i=i: f"{what}: param {i}: {m}")
+
+
+def _one_process(rule: str, kind: str, differs_by: float) -> list[torch.Tensor]:
+    one = _zero(0, 1, rule, kind, None, False)
+    plain = _model(kind)  # the same run with float32 moments must differ: the option is not a no-op
+    _train(plain, adams_dist.create_optimizer(rule, plain.parameters(), lr=1e-2), range(STEPS), 0, 1)
+    assert max(float((a - b).abs().max()) for a, b in zip(one, _full(plain))) > differs_by
+    return one
 
 
 @pytest.mark.parametrize("rule", ["adams", "homeadam"])
 def test_bf16_moments_in_every_sharding_mode_match_one_process(tmp_path, rule: str) -> None:
-    one = _zero(0, 1, rule, None, False)
-    unrounded = _model()  # the same run with float32 moments must differ: the option is not a no-op
-    _train(unrounded, adams_dist.create_optimizer(rule, unrounded.parameters(), lr=1e-2), range(STEPS), 0, 1)
-    assert max(float((a - b).abs().max()) for a, b in zip(one, _full(unrounded))) > 1e-6
-
+    one = _one_process(rule, "bf16", 1e-6)
     ckpt = str(tmp_path / "w2")
-    for rank_result in run(_zero, 2, rule, ckpt, False, timeout=120):
-        _close(rank_result, one, "ZeRO W=2")
-    for rank_result in run(_zero, 3, rule, ckpt, True, timeout=120):
-        _close(rank_result, one, "saved at W=2, resumed at W=3")
-    for rank_result in run(_fsdp, 2, rule, timeout=120):
-        _close(rank_result, one, "FSDP2 W=2")
+    for rank_result in run(_zero, 2, rule, "bf16", ckpt, False, timeout=120):
+        _close(rank_result, one, "ZeRO W=2", 1e-5)
+    for rank_result in run(_zero, 3, rule, "bf16", ckpt, True, timeout=120):
+        _close(rank_result, one, "saved at W=2, resumed at W=3", 1e-5)
+    for rank_result in run(_fsdp, 2, rule, "bf16", timeout=120):
+        _close(rank_result, one, "FSDP2 W=2", 1e-5)
+
+
+@pytest.mark.parametrize("rule", ["adams", "adamw"])
+def test_8bit_moments_in_every_sharding_mode_match_one_process(tmp_path, rule: str) -> None:
+    one = _one_process(rule, "8bit", 1e-5)
+    ckpt = str(tmp_path / "w2")
+    for rank_result in run(_zero, 2, rule, "8bit", ckpt, False, timeout=120):
+        _close(rank_result, one, "ZeRO W=2", 1e-6)
+    for rank_result in run(_zero, 2, rule, "8bit", ckpt, True, timeout=120):
+        _close(rank_result, one, "saved at W=2, resumed at W=2", 1e-6)
+    # W=3 cuts other blocks: the moments are quantized again, each within a code of the W=2 run's. Each of the
+    # 3 steps after it moves a weight by about lr = 1e-2 at most; a code changes a step by a fraction of that
+    for rank_result in run(_zero, 3, rule, "8bit", ckpt, True, timeout=120):
+        _close(rank_result, one, "saved at W=2, resumed at W=3", 5e-3)
+    if rule == "adams":
+        for rank_result in run(_fsdp, 2, rule, "8bit", timeout=120):
+            _close(rank_result, one, "FSDP2 W=2", 1e-6)
