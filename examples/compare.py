@@ -184,7 +184,7 @@ def build_optimizer(name: str, model: gpt.GPT, lr: float, args: argparse.Namespa
         return torch.optim.SGD(groups, lr=lr, momentum=0.9)
     extra = {"betas": tuple(args.betas)} if args.betas else {}
     if args.moment_dtype != "float32":
-        extra["moment_dtype"] = getattr(torch, args.moment_dtype)
+        extra["moment_dtype"] = args.moment_dtype if args.moment_dtype == "8bit" else getattr(torch, args.moment_dtype)
     if args.no_master:
         extra["master_dtype"] = None
     return adams_dist.create_optimizer(
@@ -498,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--param-dtype", choices=["float32", "bfloat16"], default="float32",
                     help="model parameters' dtype (the optimizers keep fp32 masters unless --no-master)")
-    ap.add_argument("--moment-dtype", choices=["float32", "bfloat16"], default="float32",
+    ap.add_argument("--moment-dtype", choices=["float32", "bfloat16", "8bit"], default="float32",
                     help="adams_dist optimizers' moment_dtype")
     ap.add_argument("--no-master", action="store_true",
                     help="adams_dist optimizers with master_dtype=None (needs --param-dtype bfloat16)")
