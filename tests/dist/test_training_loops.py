@@ -207,6 +207,9 @@ def _clip_on_one_rank(rank: int, world: int, overlap: bool) -> str:
         err = _error(opt.clip_grad_norm_, 0.1) if rank == 1 and step == 1 else "no error"  # one rank alone
         err = _error(opt.step) if err == "no error" else err
         if err != "no error":
+            # stay up past the other rank's 3 s timeout: a rank that exits first closes the connection, and
+            # the other would see gloo's "connection closed" instead of its own CollectiveTimeout
+            time.sleep(5)
             return err
         opt.zero_grad()
     return "no error"
