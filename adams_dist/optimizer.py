@@ -10,6 +10,7 @@ reduce-scatter per bucket under ZeRO, or the local gradient); (2) one small all-
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -17,14 +18,13 @@ from typing import Any
 import torch
 from torch.optim.optimizer import Optimizer
 
-from . import ablations, ddp, decay, fsdp, quant8, rounding, state_io, validation
+from . import ablations, ddp, decay, fsdp, state_io, validation
 from .comm import DEFAULT_TIMEOUT
 from .control import Control, agreement_values
 from .layout import Slot
 from .rules import Rule
 from .shards import Grads, Shards, make_shards
-
-QUANT_BATCH = 1 << 22  # moment_dtype="8bit": elements whose moments are dequantized at once
+from .storage import Storage
 
 
 class ShardedOptimizer(Optimizer):
@@ -63,12 +63,7 @@ class ShardedOptimizer(Optimizer):
                                                  collective_timeout)
         self.collective_timeout = float(collective_timeout)
         self.kernel = kernel
-        self.master_dtype = master_dtype  # None: no master copy, the bf16 parameters are rounded stochastically
-        self.compute_dtype = master_dtype or torch.float32  # what the update computes in
-        self.moment_dtype = validation.check_moment_dtype(moment_dtype, self.compute_dtype, self.rule)
-        self.rounding_seed = validation.check_rounding_seed(rounding_seed)
-        # True: the fp32 master is stored as the bf16 parameter plus a 16-bit remainder (rounding.split_)
-        self.master_remainder = validation.check_master_remainder(master_remainder, master_dtype)
+        self.storage = Storage.of(master_dtype, moment_dtype, master_remainder, rounding_seed, self.rule)
         self.bucket_mb = float(bucket_mb)
         self.overlap = bool(overlap)
         self.grad_comm_dtype = grad_comm_dtype or torch.float32
@@ -86,6 +81,13 @@ class ShardedOptimizer(Optimizer):
         self._ablation_cfg: dict[int, ablations.Config] = {}  # group index -> options the state was built for
         super().__init__(params, defaults)
         self._build(range(len(self.param_groups)))
+
+    # The storage options (storage.py), readable on the optimizer as its other options are.
+    master_dtype = property(lambda self: self.storage.master_dtype)
+    compute_dtype = property(lambda self: self.storage.compute_dtype)
+    moment_dtype = property(lambda self: self.storage.moment_dtype)
+    master_remainder = property(lambda self: self.storage.master_remainder)
+    rounding_seed = property(lambda self: self.storage.rounding_seed)
 
     # ------------------------------------------------------------------ construction
 
@@ -114,26 +116,14 @@ class ShardedOptimizer(Optimizer):
         groups = [self.param_groups[gi] for gi in group_indices]
         new_params = [p for g in groups for p in g["params"]]
         if not hasattr(self, "_shards"):
-            dtypes: dict[str, torch.dtype | None] = {"master_param": self.master_dtype}
-            if self.master_remainder:  # the master's bf16 part is the parameter's own dtype
-                dtypes = {"master_param": None, "master_remainder": torch.int16}
-            if isinstance(self.moment_dtype, str):  # "8bit": codes here, their scales added per slot (quant8.py)
-                dtypes.update(quant8.CODE_DTYPES)
-            else:
-                dtypes.update(dict.fromkeys(self.rule.state_names, self.moment_dtype))
-            self._shards = make_shards(new_params, self._process_group, dtypes, self.compute_dtype, self.bucket_mb,
-                                       self.grad_comm_dtype, self.overlap, self.collective_timeout)
+            self._shards = make_shards(new_params, self._process_group, self.storage.dtypes(self.rule.state_names),
+                                       self.compute_dtype, self.bucket_mb, self.grad_comm_dtype, self.overlap,
+                                       self.collective_timeout)
         elif (fsdp.mesh_group(new_params) is not None) != self._shards.takes_dtensors:
             raise ValueError("cannot mix DTensor (FSDP2) parameters with plain ones in one optimizer")
         shards = self._shards
         ablations.check_single_process(groups, shards.sharded)
-        if self.moment_dtype != self.compute_dtype:
-            ablations.check_default_layout(groups, f"moment_dtype={self.moment_dtype}")
-        for option, on in (("master_dtype=None", self.master_dtype is None), ("master_remainder=True",
-                                                                               self.master_remainder)):
-            if on:
-                validation.check_bf16_params(new_params, option)
-                ablations.check_default_layout(groups, option)
+        self.storage.check(groups, new_params)
         self._ablation_cfg.update({gi: ablations.config(self.param_groups[gi]) for gi in group_indices
                                    if "second_moment" in self.param_groups[gi]})
         pairs = [(gi, p) for gi in group_indices for p in self.param_groups[gi]["params"]]
@@ -289,7 +279,7 @@ class ShardedOptimizer(Optimizer):
         the counts every rank must agree on."""
         flags = torch.tensor([s.param.grad is not None for s in self._slots], dtype=torch.float32,
                              device=self.device)
-        wtu = {s.index: self._shards.rows_part(decay.wtu_partial(s, self._full_master(self.state[s.param])))
+        wtu = {s.index: self._shards.rows_part(decay.wtu_partial(s, self.storage.wide_master(self.state[s.param])))
                for s in self._slots
                if s.spectral is not None and float(self.param_groups[s.group_index]["weight_decay"]) != 0}
         return Control(flags, wtu, self._agreement_values())
@@ -338,10 +328,7 @@ class ShardedOptimizer(Optimizer):
         for st in states:
             st["step"] += 1
         steps = [float(st["step"]) for st in states]
-        stored = None
-        if self.master_dtype is None or self.master_remainder:  # bf16 storage: compute on fp32 copies
-            stored = states
-            states = [self._full_master(st) for st in states]
+        stored, states = states, [self.storage.wide_master(st) for st in states]  # computes on wide masters
         decays = [decay.plan(s, st, group, lr, self.uses_spectral_decay, wtu.get(s.index))
                   for s, st in zip(slots, states)]
         if self._ablation_cfg:  # AdamATan2/AdamW ablations: their params take a per-tensor path
@@ -357,16 +344,12 @@ class ShardedOptimizer(Optimizer):
                 return
         masters = [st["master_param"] for st in states]
         full = [g if (g := grads[s.index]) is not None else torch.zeros_like(m) for s, m in zip(slots, masters)]
+        apply = functools.partial(self._apply_rule, group, lr)
         if self.moment_dtype == "8bit":
-            self._apply_8bit(group, lr, states, masters, full, steps, decays)
+            self.storage.apply_8bit(apply, self.rule.state_names, states, masters, full, steps, decays)
         else:
-            self._apply_rule(group, lr, states, masters, full, steps, decays)
-        for slot, st, value, t in zip(slots, stored or (), masters, steps):
-            if self.master_remainder:  # exact: the bf16 parameter and the remainder
-                rounding.split_(value, st["master_param"], st["master_remainder"])
-            else:  # no master: the bf16 parameter, rounded stochastically
-                rounding.stochastic_round_(st["master_param"], value,
-                                           rounding.key(self.rounding_seed, slot.index, int(t)), slot.local_range[0])
+            apply(states, masters, full, steps, decays)
+        self.storage.store_masters(slots, stored, masters, steps)
 
     def _apply_rule(self, group: dict[str, Any], lr: float, states: list[dict[str, Any]], masters: list[torch.Tensor],
                     grads: list[torch.Tensor], steps: list[float], decays: list[decay.Decay]) -> None:
@@ -376,37 +359,6 @@ class ShardedOptimizer(Optimizer):
                              compiled=compiled, strict=self.kernel == "compiled")
         if compiled and not ok:  # a broken toolchain must not stop training when the user did not ask for it
             self.kernel = "foreach"
-
-    def _apply_8bit(self, group: dict[str, Any], lr: float, states: list[dict[str, Any]], masters: list[torch.Tensor],
-                    grads: list[torch.Tensor], steps: list[float], decays: list[decay.Decay]) -> None:
-        """The rule on moments dequantized a few parameters at a time (it is element-wise, so any split
-        of the group gives the same update), quantized back after: the step computes in the master's
-        precision, and the extra memory is the float moments of about QUANT_BATCH elements."""
-        names, dtype = self.rule.state_names, self.compute_dtype
-        start = 0
-        while start < len(states):
-            end, numel = start, 0
-            while end < len(states) and (end == start or numel + masters[end].numel() <= QUANT_BATCH):
-                numel += masters[end].numel()
-                end += 1
-            part = range(start, end)
-            wide = [dict(states[i], **{n: quant8.load(states[i], n, dtype) for n in names}) for i in part]
-            self._apply_rule(group, lr, wide, [masters[i] for i in part], [grads[i] for i in part],
-                             [steps[i] for i in part], [decays[i] for i in part])
-            for i, w in zip(part, wide):
-                for n in names:
-                    quant8.store_(w[n], states[i], n)
-            del wide, w  # before the next batch's copies exist
-            start = end
-
-    def _full_master(self, st: dict[str, Any]) -> dict[str, Any]:
-        """``st`` with its master in the compute dtype: put together from the bf16 parameter and the
-        remainder, or widened from the bf16 parameter (no master); ``st`` itself for an fp32 master."""
-        if self.master_remainder:
-            return dict(st, master_param=rounding.combine(st["master_param"], st["master_remainder"]))
-        if self.master_dtype is None:
-            return dict(st, master_param=st["master_param"].to(self.compute_dtype))
-        return st
 
     def _reduce_min(self, t: torch.Tensor) -> torch.Tensor:
         return self._shards.reduce_min(t, self._device)
