@@ -104,21 +104,24 @@ def _optimizer_param_names(model: torch.nn.Module, optimizer: torch.optim.Optimi
 
 
 def _spectral_layout(optimizer: torch.optim.Optimizer) -> list[list[int] | None]:
-    """[heads, rows, cols] per optimizer parameter with spectral decay (Adams), else None."""
+    """[heads, rows, cols] per optimizer parameter with spectral decay (Adams), with a 1 appended for
+    heads that are column blocks; else None."""
     spectral = isinstance(optimizer, ShardedOptimizer) and optimizer.uses_spectral_decay
     out: list[list[int] | None] = []
     for g in optimizer.param_groups:
         for p in g["params"]:
             shape = SpectralShape.of(p) if spectral else None
-            out.append(None if shape is None else [shape.heads, shape.rows, shape.cols])
+            columns = [1] if shape is not None and shape.columns else []
+            out.append(None if shape is None else [shape.heads, shape.rows, shape.cols, *columns])
     return out
 
 
 def _describe_layout(layout: list[int] | None) -> str:
     if layout is None:
         return "no spectral decay"
-    heads, rows, cols = layout
-    return f"spectral decay on {heads} head{'s' if heads != 1 else ''} of {rows} x {cols}"
+    heads, rows, cols = layout[:3]
+    blocks = " (column blocks)" if len(layout) > 3 else ""
+    return f"spectral decay on {heads} head{'s' if heads != 1 else ''} of {rows} x {cols}{blocks}"
 
 
 def _payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim_state: dict[str, Any],

@@ -22,14 +22,16 @@ class Decay:
     """Decoupled weight decay of one tensor, due before its update.
 
     ``p <- keep * p`` (scalar decay), then ``W -= coef * (W v) v^T`` over the row runs that
-    ``spectral.power_rows`` returned (spectral decay; ``cols`` is the matrix width). Rules with a
-    compiled kernel fold it into their single pass over memory; every other path applies it first.
+    ``spectral.power_rows`` returned (spectral decay; ``cols`` is the stored rows' length). Rules with a
+    compiled kernel fold it into their single pass over memory; every other path applies it first, as
+    does everyone for column heads (``columns``: their shape), whose views are strided.
     """
 
     keep: float = 1.0
     coef: float = 0.0
     cols: int = 0
     runs: list[spectral.PowerRun] = field(default_factory=list)
+    columns: spectral.SpectralShape | None = None
 
     @property
     def rank1(self) -> bool:
@@ -38,7 +40,9 @@ class Decay:
     def apply_(self, p: torch.Tensor) -> None:
         if self.keep != 1.0:
             p.mul_(self.keep)
-        if self.rank1:
+        if self.rank1 and self.columns is not None:
+            spectral.apply_rank1_columns(p.view(-1, self.cols), self.runs, self.coef, self.columns)
+        elif self.rank1:
             spectral.apply_rank1(p.view(-1, self.cols), self.runs, self.coef)
 
 
@@ -46,10 +50,13 @@ NO_DECAY = Decay()
 
 
 def wtu_partial(slot: Slot, state: dict[str, Any]) -> torch.Tensor:
-    """This rank's ``(heads, cols)`` part of ``W^T u`` over its rows of one matrix, in fp32."""
+    """This rank's ``(heads, cols)`` part of ``W^T u`` over its rows of one matrix, in fp32 (for column
+    heads ``spectral.partial_columns``)."""
     shape = slot.spectral
     assert shape is not None
-    rows = state["master_param"].view(-1, shape.cols)
+    rows = state["master_param"].view(-1, shape.row_len)
+    if shape.columns:
+        return spectral.partial_columns(rows.float(), state["u"].float(), shape)
     out = torch.zeros(shape.heads, shape.cols, dtype=torch.float32, device=rows.device)
     spectral.partial_wtu(rows.float(), state["u"].float(), slot.row_start, shape, out)
     return out
@@ -70,11 +77,15 @@ def plan(slot: Slot, state: dict[str, Any], group: dict[str, Any], lr: float, sp
     wd = float(group["weight_decay"])
     if wd == 0.0 or wtu is None:  # spectral decay off for the group: no power iteration either
         return NO_DECAY
-    shape = slot.spectral
-    v, dead = spectral.normalize_heads(wtu)
-    runs = spectral.power_rows(state["master_param"].view(-1, shape.cols), state["u"], slot.row_start, shape,
-                               v, dead, state["sigma_sq"])
-    return Decay(coef=lr * wd * math.sqrt(shape.rows), cols=shape.cols, runs=runs)
+    shape, rows = slot.spectral, state["master_param"].view(-1, slot.spectral.row_len)
+    if shape.columns:
+        runs = spectral.power_columns(rows, state["u"], slot.row_start == 0 and slot.local_rows > 0, shape, wtu,
+                                      state["sigma_sq"])
+    else:
+        v, dead = spectral.normalize_heads(wtu)
+        runs = spectral.power_rows(rows, state["u"], slot.row_start, shape, v, dead, state["sigma_sq"])
+    return Decay(coef=lr * wd * math.sqrt(shape.rows), cols=shape.row_len, runs=runs,
+                 columns=shape if shape.columns else None)
 
 
 def sigmas(slots: list[Slot], state: dict[Any, dict[str, Any]], shards: Any) -> dict[torch.Tensor, torch.Tensor]:

@@ -90,16 +90,19 @@ def make_slot(p: Any, index: int, group_index: int, spectral_enabled: bool) -> S
     inner = math.prod(p.shape[1:]) if p.ndim else 1
     offset = _dim0_offset(p)
     if shape is not None:
-        row_len, rows = shape.cols, p.numel() // shape.cols
-        row_start, local_rows = offset * (inner // shape.cols), local.numel() // shape.cols
+        row_len, rows = shape.row_len, p.numel() // shape.row_len
+        row_start, local_rows = offset * (inner // shape.row_len), local.numel() // shape.row_len
     else:
         row_len, rows = 1, p.numel()
         row_start, local_rows = offset * inner, local.numel()
     return Slot(p, index, group_index, shape, row_len, rows, local_rows, row_start=row_start, local_rows=local_rows)
 
 
-def like_param(p: Any, local_flat: torch.Tensor, per_row: bool) -> DTensor:
-    """Wrap this rank's flat state rows as a DTensor laid out like ``p`` (per element, or per row for u)."""
+def like_param(p: Any, local_flat: torch.Tensor, per_row: bool, replicated: bool = False) -> DTensor:
+    """Wrap this rank's flat state rows as a DTensor laid out like ``p`` (per element, or per row for u;
+    ``replicated``: a u every rank holds whole)."""
+    if per_row and replicated:
+        return DTensor.from_local(local_flat, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
     local = p.to_local()
     if per_row:
         shape, local_shape = p.shape[:-1], local.shape[:-1]

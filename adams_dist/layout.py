@@ -47,6 +47,28 @@ class Slot:
         return (self.rows,) if per_row or self.row_len == 1 else (self.rows, self.row_len)
 
     @property
+    def u_replicated(self) -> bool:
+        """Whether every rank holds the whole u (column heads: u runs along the rows no rank splits)."""
+        return self.spectral is not None and self.spectral.columns
+
+    @property
+    def u_local(self) -> int:
+        """Length of this rank's u: its rows, or the whole u where it is replicated."""
+        return self.spectral.u_numel if self.u_replicated and self.spectral else self.local_rows
+
+    @property
+    def u_per_rank(self) -> int:
+        """u entries in each rank's section of a bucket (padded like the rows)."""
+        return self.spectral.u_numel if self.u_replicated and self.spectral else self.rows_per_rank
+
+    def u_shape(self, sharded: bool) -> tuple[int, ...]:
+        """Shape of the whole u in a state dict: per row of the weight (as ``rows_shape``), or per head row
+        where it is replicated."""
+        if self.u_replicated and self.spectral:
+            return (self.spectral.u_numel,)
+        return self.rows_shape(per_row=True) if sharded else tuple(self.param.shape[:-1])
+
+    @property
     def local_range(self) -> tuple[int, int]:
         """Element range of this rank's rows inside the flattened parameter."""
         start = self.row_start * self.row_len
@@ -68,7 +90,7 @@ def make_slot(p: torch.Tensor, index: int, group_index: int, world_size: int, ra
               spectral_enabled: bool = True) -> Slot:
     shape = SpectralShape.of(p) if spectral_enabled else None
     if shape is not None:
-        row_len = shape.cols
+        row_len = shape.row_len
         rows = p.numel() // row_len
     else:
         row_len, rows = 1, p.numel()
@@ -99,7 +121,7 @@ def pack_buckets(slots: list[Slot], bucket_bytes: int, world_size: int, min_elem
         bucket.section_numel += slot.section_numel
         if slot.spectral is not None:
             slot.u_offset = bucket.u_numel
-            bucket.u_numel += slot.rows_per_rank
+            bucket.u_numel += slot.u_per_rank
         bucket.slots.append(slot)
     return buckets
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .spectral import SpectralShape, set_heads
+from .spectral import _HEADS_ATTR, SpectralShape, set_heads
 
 # Layers whose ``weight`` is a matrix (or a batch of them) that spectral decay is meant for. HF's
 # Conv1D is matched by name so that transformers need not be installed.
@@ -58,8 +58,10 @@ def param_groups(model: nn.Module, *, lr: float | None = None, weight_decay: flo
     Marks the model's parameters as the engine reads them: ``use_spectral_decay = False`` on matrices
     that get the scalar decay (embeddings, tied weights, unknown matrices) and ``set_heads`` on fused
     attention projections (torch ``MultiheadAttention``; ``q_proj``/``k_proj``/``v_proj`` of modules
-    with a ``head_dim``, as in HF Llama). Call it before creating the optimizer, and again on a copy
-    of the model (marks are attributes and do not survive ``deepcopy``).
+    with a ``head_dim``, as in HF Llama; GPT-2's ``c_attn`` by column blocks). HF ``Conv1D`` weights are
+    stored ``(in, out)``: their matrices are the transposes, as ``nn.Linear`` would hold them. Call it
+    before creating the optimizer, and again on a copy of the model (marks are attributes and do not
+    survive ``deepcopy``).
     """
     for value, what in ((weight_decay, "weight_decay"), (scalar_vector_weight_decay, "scalar_vector_weight_decay")):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
@@ -102,32 +104,41 @@ def _matrices_of(module: nn.Module) -> list[tuple[torch.Tensor, str]]:
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
         return []
-    if type(module).__name__ == "Conv1D":  # HF GPT-2: weight (in, out), so fused heads are column blocks
-        return [(weight, "Conv1D weight, one matrix (fused heads would be column blocks)")]
+    if type(module).__name__ == "Conv1D":  # HF GPT-2: weight (in, out); the matrix is its transpose
+        if getattr(weight, _HEADS_ATTR, None) is None:
+            set_heads(weight, 1, dim=1)
+        return [(weight, "weight stored (in, out)")]
     return [(weight, "layer weight")] if isinstance(module, _MATRIX_LAYERS) else []
     return []
 
 
 def _mark_attention_heads(model: nn.Module) -> None:
-    """``set_heads`` on q/k/v projections of attention modules that state their ``head_dim`` (HF Llama,
-    Mistral, Qwen and the like): ``q_proj`` gets ``num_heads`` heads, ``k_proj``/``v_proj`` the
-    key-value heads."""
+    """``set_heads`` on q/k/v projections of attention modules that state their ``head_dim``: HF Llama,
+    Mistral, Qwen and the like (``q_proj`` gets ``num_heads`` heads, ``k_proj``/``v_proj`` the key-value
+    heads) and HF GPT-2 (``c_attn``, a ``Conv1D`` whose q, k and v heads are column blocks)."""
     for module in model.modules():
         head_dim = getattr(module, "head_dim", None)
         if not isinstance(head_dim, int):
             continue
-        for proj in ("q_proj", "k_proj", "v_proj"):
+        for proj in ("q_proj", "k_proj", "v_proj", "c_attn", "q_attn"):
             layer = getattr(module, proj, None)
             if isinstance(layer, nn.Linear) and layer.out_features % head_dim == 0:
                 _mark_heads(layer.weight, layer.out_features // head_dim)
+            elif type(layer).__name__ == "Conv1D":
+                weight = layer.weight  # type: ignore[union-attr]
+                if weight.shape[1] % head_dim == 0:
+                    _mark_heads(weight, weight.shape[1] // head_dim, dim=1)
 
 
-def _mark_heads(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    return set_heads(w, n_heads) if n_heads > 1 and w.shape[0] // n_heads >= 2 else w
+def _mark_heads(w: torch.Tensor, n_heads: int, dim: int = 0) -> torch.Tensor:
+    return set_heads(w, n_heads, dim) if n_heads > 1 and w.shape[dim] // n_heads >= 2 else w
 
 
 def _heads(shape: SpectralShape) -> str:
-    return f"; {shape.heads} matrices of {shape.rows}x{shape.cols}" if shape.heads > 1 else ""
+    blocks = ", the transposes of its column blocks" if shape.columns else ""
+    if shape.heads > 1:
+        return f"; {shape.heads} matrices of {shape.rows}x{shape.cols}{blocks}"
+    return f"; the {shape.rows}x{shape.cols} transpose" if shape.columns else ""
 
 
 def _scalar_reason(p: torch.Tensor, embeddings: set[int], matrix_reason: str | None) -> str:

@@ -83,7 +83,7 @@ class Shards:
         else:
             state["master_param"].copy_(p.reshape(-1))
         if slot.spectral is not None:
-            state["u"] = torch.ones(slot.local_rows, dtype=self.master_dtype, device=p.device)
+            state["u"] = torch.ones(slot.u_local, dtype=self.master_dtype, device=p.device)
         state.update(quant8.new_scales(self.quantized, p.numel(), p.device))
         return state
 
@@ -183,6 +183,8 @@ class Shards:
             if self._holds_my_rows(full, slot, per_row):
                 return fsdp.local_tensor(full).reshape(-1)
             full = full.full_tensor()  # type: ignore[attr-defined]
+        if per_row and slot.u_replicated:
+            return full.reshape(-1)
         lo, hi = (slot.row_start, slot.row_start + slot.local_rows) if per_row else slot.local_range
         return full.reshape(-1)[lo:hi]
 
@@ -303,15 +305,15 @@ class DTensorRows(Shards):
         return fsdp.make_slot(p, index, group_index, spectral)
 
     def rows_of(self, slot: Slot, full: torch.Tensor, per_row: bool = False) -> torch.Tensor:
-        if fsdp.is_dtensor(full):
+        if fsdp.is_dtensor(full) and not (per_row and slot.u_replicated):
             return fsdp.local_tensor(full).reshape(-1)
         return super().rows_of(slot, full, per_row)
 
     def gather_state(self, state: dict[Any, dict[str, Any]]) -> dict[int, dict[str, torch.Tensor]]:
         """DTensors laid out like the parameters: torch.distributed.checkpoint reshards them by itself."""
         local = super().gather_state(state)
-        return {s.index: {name: fsdp.like_param(s.param, t, per_row=name == "u") for name, t in local[s.index].items()}
-                for s in self.slots}
+        return {s.index: {name: fsdp.like_param(s.param, t, per_row=name == "u", replicated=s.u_replicated)
+                          for name, t in local[s.index].items()} for s in self.slots}
 
 
 def make_shards(params: list[torch.Tensor], process_group: Any | None, dtypes: dict[str, torch.dtype | None],

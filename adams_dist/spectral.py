@@ -6,6 +6,12 @@ Since v does not depend on the scale of u and ``s * u = W v``, the decay is
 ``lr*wd*sqrt(M) * (W v) v^T`` and u may be stored unnormalised as ``u <- W v``. That makes the
 work separable by rows: each rank sums ``W_r^T u_r`` over its rows (one all-reduce for all
 matrices), then computes ``w_r = W_r v`` and decays its own rows. No rank ever forms M x N.
+
+Heads that are column blocks of the stored weight (HF GPT-2's ``Conv1D``, weight ``(in, out)``) are
+matrices ``A_h = W[:, block h]^T``: their u runs along W's columns and is replicated on every rank,
+while v runs along W's rows, which the ranks split. Each rank computes its rows of ``v = A^T u = W u``
+unnormalised and sends ``||v_r||^2`` and ``A_r v_r`` in the same all-reduce; ``A v`` is their sum
+divided by ``||v||``, so the column layout costs no second reduction either.
 """
 
 from __future__ import annotations
@@ -16,34 +22,54 @@ from dataclasses import dataclass
 import torch
 
 _HEADS_ATTR = "_adams_dist_heads"
+_HEADS_DIM_ATTR = "_adams_dist_heads_dim"
 
 
-def set_heads(param: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Treat a 2-D ``(n_heads*M, N)`` weight as ``n_heads`` matrices ``(M, N)`` for spectral decay.
+def set_heads(param: torch.Tensor, n_heads: int, dim: int = 0) -> torch.Tensor:
+    """Treat a 2-D weight as ``n_heads`` matrices for spectral decay, one per block of ``dim``.
 
+    ``dim=0`` (``nn.Linear``'s ``(out, in)`` layout): a ``(n_heads*M, N)`` weight is ``n_heads`` matrices
+    ``(M, N)``. ``dim=1`` (the transposed ``(in, out)`` layout of HF GPT-2's ``Conv1D``): a
+    ``(N, n_heads*M)`` weight is ``n_heads`` matrices ``(M, N)``, the transposes of its column blocks,
+    exactly as the same layer stored as ``nn.Linear`` with ``dim=0``.
     The parameter keeps its shape; only the optimizer sees the heads. Returns ``param``.
     Call it before creating the optimizer.
     """
     if not isinstance(n_heads, int) or isinstance(n_heads, bool) or n_heads < 1:
         raise ValueError(f"n_heads must be a positive int, got {n_heads!r}")
+    if dim not in (0, 1) or isinstance(dim, bool):
+        raise ValueError(f"dim must be 0 (heads are blocks of rows) or 1 (blocks of columns), got {dim!r}")
     if param.ndim != 2:
         raise ValueError(f"set_heads needs a 2-D weight, got shape {tuple(param.shape)}")
-    rows = param.shape[0]
-    if rows % n_heads:
-        raise ValueError(f"{rows} rows do not split into {n_heads} heads")
-    if rows // n_heads < 2:
-        raise ValueError(f"each head would have {rows // n_heads} row; spectral decay needs at least 2")
+    size, what = param.shape[dim], ("rows", "row") if dim == 0 else ("columns", "column")
+    if size % n_heads:
+        raise ValueError(f"{size} {what[0]} do not split into {n_heads} heads")
+    if size // n_heads < 2:
+        raise ValueError(f"each head would have {size // n_heads} {what[1]}; spectral decay needs at least 2")
     setattr(param, _HEADS_ATTR, n_heads)
+    setattr(param, _HEADS_DIM_ATTR, dim)
     return param
 
 
 @dataclass(frozen=True)
 class SpectralShape:
-    """A parameter seen as ``heads`` matrices of ``rows x cols`` (row-major, head-major)."""
+    """A parameter seen as ``heads`` matrices of ``rows x cols``: row-major and head-major, or with
+    ``columns`` the transposes of the column blocks of a ``(cols, heads*rows)`` weight."""
 
     heads: int
     rows: int
     cols: int
+    columns: bool = False
+
+    @property
+    def row_len(self) -> int:
+        """Elements per row of the stored weight: the unit the ranks split it by."""
+        return self.heads * self.rows if self.columns else self.cols
+
+    @property
+    def u_numel(self) -> int:
+        """Length of the whole persistent u: one entry per row of every head."""
+        return self.heads * self.rows
 
     @staticmethod
     def of(p: torch.Tensor) -> SpectralShape | None:
@@ -54,6 +80,8 @@ class SpectralShape:
             return None
         n_heads = getattr(p, _HEADS_ATTR, None)
         if n_heads is not None and p.ndim == 2:
+            if getattr(p, _HEADS_DIM_ATTR, 0) == 1:
+                return SpectralShape(n_heads, p.shape[1] // n_heads, p.shape[0], columns=True)
             return SpectralShape(n_heads, p.shape[0] // n_heads, p.shape[1])
         return SpectralShape(math.prod(p.shape[:-2]), p.shape[-2], p.shape[-1])
 
@@ -150,6 +178,43 @@ def decay_rows(w_rows: torch.Tensor, u_rows: torch.Tensor, row_start: int, shape
     runs = power_rows(w_rows, u_rows, row_start, shape, v, dead, sigma_sq)
     if coef != 0.0:
         apply_rank1(w_rows, runs, coef)
+
+
+def _column_heads(w_rows: torch.Tensor, shape: SpectralShape) -> torch.Tensor:
+    """Local rows of a column-heads weight as ``(heads, local rows, rows of a head)``: ``A_h^T``'s rows."""
+    return w_rows.view(-1, shape.heads, shape.rows).transpose(0, 1)
+
+
+def partial_columns(w_rows: torch.Tensor, u: torch.Tensor, shape: SpectralShape) -> torch.Tensor:
+    """This rank's ``(heads, rows + 1)`` part of the column-heads power step: ``A_r v_r`` and ``||v_r||^2``,
+    with ``v_r = A_r^T u`` its rows of v unnormalised (u: the whole replicated vector)."""
+    w = _column_heads(w_rows, shape)
+    v = torch.bmm(w, u.view(shape.heads, shape.rows, 1))  # (heads, local rows, 1)
+    av = torch.bmm(v.transpose(1, 2), w).squeeze(1)  # (heads, rows)
+    return torch.cat([av, v.square().sum(dim=(1, 2)).unsqueeze(1)], dim=1)
+
+
+def power_columns(w_rows: torch.Tensor, u: torch.Tensor, counts_sigma: bool, shape: SpectralShape,
+                  summed: torch.Tensor, sigma_sq: torch.Tensor) -> list[PowerRun]:
+    """The power step of column heads from ``summed``, the sum over ranks of ``partial_columns``:
+    ``u <- A v`` (the same on every rank) and the rank-1 decay's pieces as one run over the local rows, in
+    ``_column_heads`` view: ``W[:, block] -= coef * v (A v)^T`` is ``A -= coef * (A v) v^T``.
+    ``counts_sigma``: this rank reports ``||A v||^2`` (one rank does, the others report 0)."""
+    av, norm = summed[:, :-1], summed[:, -1].sqrt()
+    scale = 1.0 / norm.clamp_min(torch.finfo(summed.dtype).tiny)
+    w = _column_heads(w_rows, shape)
+    v = torch.bmm(w, u.view(shape.heads, shape.rows, 1).to(w.dtype)) * scale.view(-1, 1, 1).to(w.dtype)
+    av = (av * scale[:, None]).to(w.dtype)
+    sigma_sq.copy_(av.square().sum(dim=1) if counts_sigma else torch.zeros_like(sigma_sq))
+    u.copy_(av.reshape(-1))
+    _restart_dead(u, 0, shape, norm == 0)
+    return [(0, w_rows.shape[0], v, av.unsqueeze(1))]
+
+
+def apply_rank1_columns(w_rows: torch.Tensor, runs: list[PowerRun], coef: float, shape: SpectralShape) -> None:
+    """``A -= coef * (A v) v^T`` for the run ``power_columns`` returned."""
+    for _, _, v, av in runs:
+        rank1_(_column_heads(w_rows, shape), v, av, coef)
 
 
 def _restart_dead(u_rows: torch.Tensor, row_start: int, shape: SpectralShape, dead: torch.Tensor) -> None:

@@ -10,6 +10,7 @@ shape), then takes this rank's rows of each entry.
 from __future__ import annotations
 
 import copy
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -50,10 +51,10 @@ def state_dict(opt: ShardedOptimizer, sharded: bool = False) -> dict[str, Any]:
                 continue  # reduced second moment: exported below
             if fsdp.is_dtensor(t):
                 entry[name] = t
-            elif sharded:
-                entry[name] = t.view(slot.rows_shape(name == "u"))
+            elif name == "u":
+                entry[name] = t.view(slot.u_shape(sharded))
             else:
-                entry[name] = t.view(p.shape[:-1] if name == "u" else p.shape)
+                entry[name] = t.view(slot.rows_shape() if sharded else p.shape)
         if "master_remainder" in entry:  # saved as the fp32 master it stands for: loads into any optimizer
             entry["master_param"] = _with_remainder(entry["master_param"], entry.pop("master_remainder"))
         if layout is not None:
@@ -175,7 +176,7 @@ def validate_state_dict(opt: ShardedOptimizer, sd: Any) -> None:
         if layout is not None:
             layout.validate(entry, where)
         if slot.spectral is not None:
-            if "u" not in entry or entry["u"].numel() != slot.rows:
+            if "u" not in entry or entry["u"].numel() != math.prod(slot.u_shape(True)):
                 raise ValueError(f"state dict entry for {where} lacks a matching spectral 'u'")
             sigma = entry.get("sigma")
             if sigma is not None and sigma.numel() != slot.spectral.heads:

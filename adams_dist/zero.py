@@ -17,7 +17,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from . import quant8
 from .comm import Comm
-from .fsdp import DTensor, Shard
+from .fsdp import DTensor, Replicate, Shard
 from .layout import Bucket, Slot, gather_rows, pack_buckets, scatter_rows
 from .shards import Grads, Shards
 
@@ -25,7 +25,10 @@ MAX_IN_FLIGHT = 2  # buckets whose staging buffers may exist at once outside ove
 
 
 def _rows_dtensor(local: torch.Tensor, slot: Slot, per_row: bool, mesh: DeviceMesh) -> DTensor:
-    """This rank's flat rows of one state tensor as chunk ``rank`` of dim 0 of ``slot.rows_shape``."""
+    """This rank's flat rows of one state tensor as chunk ``rank`` of dim 0 of ``slot.rows_shape`` (a
+    replicated u: whole on every rank)."""
+    if per_row and slot.u_replicated:
+        return DTensor.from_local(local, mesh, [Replicate()], run_check=False)
     shape = slot.rows_shape(per_row)
     return DTensor.from_local(local.view(-1, *shape[1:]), mesh, [Shard(0)], run_check=False,
                               shape=torch.Size(shape), stride=torch.empty(shape, device="meta").stride())
@@ -108,7 +111,7 @@ class ZeroBuckets(Shards):
             lo, hi = slot.local_range
             state["master_param"] = slot.param.detach().view(-1)[lo:hi]
         if slot.spectral is not None:
-            state["u"] = flat["u"][slot.u_offset: slot.u_offset + slot.local_rows]
+            state["u"] = flat["u"][slot.u_offset: slot.u_offset + slot.u_local]
         state.update(quant8.new_scales(self.quantized, slot.local_numel, self.buckets[bi].device))
         return state
 
@@ -295,6 +298,8 @@ class ZeroBuckets(Shards):
                     if name != "u":
                         full[slot.index][name] = torch.empty(slot.param.numel(), dtype=buf.dtype, device=buf.device)
                         gather_rows(out, slot, w, full[slot.index][name])
+                    elif slot.u_replicated:  # the same on every rank: rank 0's
+                        full[slot.index]["u"] = out.view(w, -1)[0, slot.u_offset: slot.u_offset + slot.u_local].clone()
                     elif slot.spectral is not None:
                         rows = out.view(w, -1)[:, slot.u_offset: slot.u_offset + slot.rows_per_rank]
                         full[slot.index]["u"] = rows.reshape(-1)[: slot.rows].clone()

@@ -133,14 +133,19 @@ def quantized64(x: torch.Tensor, signed: bool, block: int = 256) -> torch.Tensor
 class _P:
     """One parameter of the reference: float64 value, moments, step count, spectral state."""
 
-    def __init__(self, value: torch.Tensor, heads: int | None, spectral: bool | None):
+    def __init__(self, value: torch.Tensor, heads: int | None, spectral: bool | None, heads_dim: int = 0):
         self.value = value.detach().to(dtype=F64, device="cpu").clone()
         self.orig_shape = tuple(value.shape)
         self.m = torch.zeros_like(self.value)
         self.v = torch.zeros_like(self.value)
         self.t = 0
         shape = self.orig_shape
-        if heads is not None and heads > 1:
+        # column heads: a (N, heads*M) weight holds the transposes of (M, N) matrices
+        self.heads_dim = heads_dim if heads is not None and heads > 1 else 0
+        if self.heads_dim == 1:
+            assert len(shape) == 2 and shape[1] % heads == 0, "column heads need a 2-D (N, heads*M) weight"
+            shape = (heads, shape[1] // heads, shape[0])
+        elif heads is not None and heads > 1:
             assert len(shape) == 2 and shape[0] % heads == 0, "heads need a 2-D (heads*M, N) weight"
             shape = (heads, shape[0] // heads, shape[1])
         self.mat_shape = shape
@@ -192,7 +197,8 @@ class Reference:
             meta: dict[str, Any] = {}
             if isinstance(e, tuple):
                 e, meta = e
-            ps.append(_P(e, meta.get("heads"), meta.get("spectral", getattr(e, "use_spectral_decay", None))))
+            ps.append(_P(e, meta.get("heads"), meta.get("spectral", getattr(e, "use_spectral_decay", None)),
+                         meta.get("heads_dim", 0)))
         full = {**self.defaults, **group}
         full["_ps"] = ps
         self.groups.append(full)
@@ -279,7 +285,10 @@ class Reference:
     @staticmethod
     def _spectral(p: _P, scale: float) -> None:
         """One power iteration with persistent u, then W -= scale*sqrt(M)*s*u v^T (per head)."""
-        W = p.value.view(p.mat_shape)  # (..., M, N); a view, so the update lands in p.value
+        if p.heads_dim == 1:  # (N, heads*M) -> (heads, M, N), still a view
+            W = p.value.view(p.orig_shape[0], p.mat_shape[0], p.mat_shape[1]).permute(1, 2, 0)
+        else:
+            W = p.value.view(p.mat_shape)  # (..., M, N); a view, so the update lands in p.value
         M = W.shape[-2]
         x = torch.einsum("...mn,...m->...n", W, p.u)
         xn = torch.linalg.vector_norm(x, dim=-1, keepdim=True)

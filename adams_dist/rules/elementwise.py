@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .. import spectral
-from ..decay import Decay
+from ..decay import NO_DECAY, Decay
 from .base import Rule, Tensors, apply_decays, widened
 from .compiled import COMPILED_MIN_NUMEL, compiled_kernel
 
@@ -108,6 +108,9 @@ class ElementwiseRule(Rule):
         # (piece of p, the same piece of g and the state, its (W v, v^T) under spectral decay)
         pieces: list[tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, torch.Tensor] | None]]
         pieces = [(p, tensors, None)]
+        if decay.columns is not None:  # column heads: the rank-1 decay on a strided view, then the update
+            decay.apply_(p)
+            decay = NO_DECAY
         if decay.rank1:
             if decay.keep != 1.0:
                 p.mul_(decay.keep)

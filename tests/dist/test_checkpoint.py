@@ -58,6 +58,7 @@ def make(rule: str = "adams", seed: int = 0, dtype: torch.dtype = torch.float32,
     model = Net(seed, hidden).to(dtype)
     if heads is not None:
         adams_dist.set_heads(model.inp.weight, heads)
+    adams_dist.set_heads(model.out.weight, 2, dim=1)  # (3, 16): 2 heads of (8, 3), its column blocks; u replicated
     matrices = [model.inp.weight, model.mix, model.out.weight]
     if order == "swapped":
         matrices = [model.inp.weight, model.out.weight, model.mix]
@@ -419,7 +420,7 @@ def test_metadata(saved: Path) -> None:
     assert meta["optimizer_class"] == "Adams_ZeRO" and meta["rule"] == "atan2" and meta["master_dtype"] == "float32"
     assert meta["params"][:2] == [["mix", [2, 8, 8], "float32"], ["inp.weight", [16, 6], "float32"]]
     assert meta["optimizer_params"] == ["inp.weight", "mix", "out.weight", "inp.bias", "out.bias"]
-    assert meta["spectral"] == [[1, 16, 6], [2, 8, 8], [1, 3, 16], None, None]
+    assert meta["spectral"] == [[1, 16, 6], [2, 8, 8], [2, 8, 3, 1], None, None]  # out.weight: column heads
     assert set(meta["checksums"]) == {"model", "optimizer", "extra"}
     umask = os.umask(0)
     os.umask(umask)

@@ -180,7 +180,7 @@ def test_dcp_checkpoint_reshards_2_to_4() -> None:
             torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-6)
 
 
-DT_SHAPES = [(3, 5), (7, 5), (2, 3, 4), (13,), (9, 6)]
+DT_SHAPES = [(3, 5), (7, 5), (2, 3, 4), (13,), (9, 6), (5, 6)]
 
 
 def dt_grad(step: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -200,6 +200,7 @@ def distribute_tensor_worker(rank: int, world: int) -> list[torch.Tensor]:
     mesh = init_device_mesh("cpu", (world,))
     params = [nn.Parameter(distribute_tensor(p.detach(), mesh, [Shard(0)])) for p in dt_params()]
     adams_dist.set_heads(params[4], 3)
+    adams_dist.set_heads(params[5], 3, dim=1)  # column heads: 5 rows over 4 ranks, u on every rank
     assert params[0].to_local().shape[0] == (0 if rank == 3 else 1)  # (3, 5) over 4 ranks: one rank is empty
     opt = adams_dist.Adams_ZeRO(params, lr=1e-2, weight_decay=0.5)
     for step in range(8):
@@ -213,6 +214,7 @@ def test_distribute_tensor_params_with_uneven_and_empty_shards() -> None:
     results = run(distribute_tensor_worker, 4, timeout=300)
     params = dt_params()
     adams_dist.set_heads(params[4], 3)
+    adams_dist.set_heads(params[5], 3, dim=1)
     opt = adams_dist.Adams_ZeRO(params, lr=1e-2, weight_decay=0.5)
     for step in range(8):
         for p in params:

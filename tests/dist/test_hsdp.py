@@ -35,6 +35,7 @@ class Net(nn.Module):
 def mark(model: Net) -> None:
     """Optimizer attributes; set after fully_shard, which replaces the Parameter objects."""
     adams_dist.set_heads(model.qkv.weight, 3)
+    adams_dist.set_heads(model.out.weight, 3, dim=1)  # 3 heads of (4, 5): column blocks, u on every rank
 
 
 def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

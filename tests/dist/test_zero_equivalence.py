@@ -11,7 +11,7 @@ import adams_dist
 
 RULES = hp_of("dist")  # rule name -> the multi-process tests' hyperparameters
 
-SHAPES = [(7, 5), (3, 5, 7), (13,), (), (2, 1, 9), (6, 4), (11, 3)]
+SHAPES = [(7, 5), (3, 5, 7), (13,), (), (2, 1, 9), (6, 4), (11, 3), (5, 6)]
 STEPS = 20
 
 
@@ -19,6 +19,7 @@ def make_params(dtype: torch.dtype, seed: int = 0) -> list[torch.nn.Parameter]:
     g = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in SHAPES]
     adams_dist.set_heads(params[5], 3)  # a (6, 4) weight seen as 3 heads of (2, 4)
+    adams_dist.set_heads(params[7], 3, dim=1)  # a (5, 6) weight seen as 3 heads of (2, 5): its column blocks
     return params
 
 
@@ -58,6 +59,7 @@ def single_process(name: str, world: int, dtype: torch.dtype) -> tuple[list[torc
     """fp32 run from rank 0's (rounded) start on the mean of the gradients the ranks saw."""
     params = [torch.nn.Parameter(p.detach().float()) for p in make_params(dtype, seed=0)]
     adams_dist.set_heads(params[5], 3)
+    adams_dist.set_heads(params[7], 3, dim=1)
 
     def averaged(step):
         return [torch.stack([rank_grad(step, r, p.shape).to(dtype).float() for r in range(world)]).mean(0)

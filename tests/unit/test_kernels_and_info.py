@@ -13,9 +13,10 @@ from rule_table import hp_of
 import adams_dist
 from adams_dist.rules import COMPILED_MIN_NUMEL, compile_supported
 
-# The last four are big enough to compile: a plain matrix, a batch of 3 matrices, a (4*64, 160)
-# weight split into 4 heads by set_heads, and a matrix excluded from spectral decay (scalar decay).
-SHAPES = [(7, 5), (3, 5, 7), (13,), (), (64, 33), (256, 160), (3, 128, 96), (256, 160), (320, 128)]
+# The last five are big enough to compile: a plain matrix, a batch of 3 matrices, a (4*64, 160)
+# weight split into 4 heads by set_heads, a matrix excluded from spectral decay (scalar decay), and a
+# (160, 4*64) weight whose 4 heads are column blocks (set_heads dim=1).
+SHAPES = [(7, 5), (3, 5, 7), (13,), (), (64, 33), (256, 160), (3, 128, 96), (256, 160), (320, 128), (160, 256)]
 
 
 def make_params() -> list[torch.nn.Parameter]:
@@ -23,6 +24,7 @@ def make_params() -> list[torch.nn.Parameter]:
     params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
     adams_dist.set_heads(params[7], 4)
     params[8].use_spectral_decay = False  # type: ignore[attr-defined]
+    adams_dist.set_heads(params[9], 4, dim=1)
     return params
 
 

@@ -73,11 +73,24 @@ def test_hf_gpt2_from_config() -> None:
                                      bos_token_id=0, eos_token_id=0)
     model = transformers.GPT2LMHeadModel(config)
     assert model.lm_head.weight is model.transformer.wte.weight  # tied
-    decay = _decay_of(adams_dist.param_groups(model))
+    groups = adams_dist.param_groups(model)
+    decay = _decay_of(groups)
     assert decay["transformer.wte.weight"] == decay["transformer.wpe.weight"] == "scalar"
     assert not model.lm_head.weight.use_spectral_decay  # the tied head gets the embedding's scalar decay
     assert decay["transformer.h.0.attn.c_attn.weight"] == decay["transformer.h.0.mlp.c_fc.weight"] == "spectral"
     assert {decay[n] for n in decay if n.endswith("bias") or ".ln_" in n} == {"scalar"}
+    # Conv1D stores (in, out): c_attn's (32, 96) holds q, k and v of 4 heads as 12 column blocks of 8; every
+    # Conv1D matrix is the transpose, as nn.Linear would hold it (spectral decay's sqrt(M) counts outputs)
+    block = model.transformer.h[0]
+    assert SpectralShape.of(block.attn.c_attn.weight) == SpectralShape(12, 8, 32, columns=True)
+    assert SpectralShape.of(block.mlp.c_fc.weight) == SpectralShape(1, 128, 32, columns=True)
+    assert SpectralShape.of(block.attn.c_proj.weight) == SpectralShape(1, 32, 32, columns=True)
+    assert "12 matrices of 8x32, the transposes of its column blocks" in str(groups)
+    opt = adams_dist.Adams_ZeRO(groups, lr=1e-3)
+    ids = torch.randint(0, 64, (2, 16))
+    model(ids, labels=ids).loss.backward()
+    opt.step()  # the engine takes the marks as they are
+    assert opt.state[block.attn.c_attn.weight]["u"].shape == (96,)  # per row of each head: 12 x 8
 
 
 def test_hf_llama_from_config_heads_from_the_config() -> None:

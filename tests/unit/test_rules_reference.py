@@ -245,6 +245,40 @@ def test_adams_spectral_decay_is_per_head_not_whole_matrix():
     assert float((ra.params[0] - rb.params[0]).abs().max()) > 1e-3
 
 
+def test_adams_column_heads_match_the_reference_and_the_linear_layout():
+    """set_heads(w, 3, dim=1) on a (6, 3*4) weight (HF Conv1D's (in, out) layout): 3 matrices of (4, 6), the
+    transposes of its column blocks. It matches the float64 reference, the same weight stored transposed
+    with row heads, and differs from one whole matrix."""
+    g = torch.Generator().manual_seed(4)
+    w0 = torch.randn(6, 12, generator=g)
+    cols, rows, whole = nn.Parameter(w0.clone()), nn.Parameter(w0.t().contiguous()), nn.Parameter(w0.clone())
+    adams_dist.set_heads(cols, 3, dim=1)
+    adams_dist.set_heads(rows, 3)
+    opts = [adams_dist.Adams_ZeRO([p], lr=0.05, weight_decay=1.0) for p in (cols, rows, whole)]
+    ref = Reference("adams", [(w0, {"heads": 3, "heads_dim": 1})], lr=0.05, weight_decay=1.0)
+    for _ in range(4):
+        gr = torch.randn(6, 12, generator=g)
+        cols.grad, rows.grad, whole.grad = gr.clone(), gr.t().contiguous(), gr.clone()
+        for opt in opts:
+            opt.step()
+        ref.step([gr])
+    torch.testing.assert_close(cols.detach().double(), ref.params[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cols.detach(), rows.detach().t(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(opts[0].spectral_sigmas()[cols].double(), ref.sigmas[0], rtol=1e-5, atol=1e-6)
+    assert float((cols - whole).detach().abs().max()) > 1e-3
+    assert opts[0].state_dict()["state"][0]["u"].shape == (12,)  # one entry per row of each head
+
+
+def test_set_heads_rejects_bad_dims():
+    w = nn.Parameter(torch.zeros(6, 9))
+    with pytest.raises(ValueError, match="9 columns do not split into 2 heads"):
+        adams_dist.set_heads(w, 2, dim=1)
+    with pytest.raises(ValueError, match="dim must be 0"):
+        adams_dist.set_heads(w, 3, dim=2)
+    with pytest.raises(ValueError, match="each head would have 1 column"):
+        adams_dist.set_heads(w, 9, dim=1)
+
+
 @pytest.mark.parametrize("rule", ["adams", "adamw", "homeadam"])
 def test_bf16_params_keep_fp32_masters(rule):
     """bf16 params: the update runs on fp32 masters; params are the masters rounded to bf16."""
