@@ -1,8 +1,10 @@
-"""Parameters that arrive already sharded: FSDP2 (``fully_shard``) or hand-built DTensors on dim 0.
+"""Parameters that arrive already sharded as DTensors: FSDP2 (``fully_shard``), HSDP, tensor parallelism
+(Shard(0) and Shard(1) weights), FSDP+TP, or hand-built ones, placed by Shard and Replicate on any mesh.
 
-FSDP2 has already reduce-scattered and averaged the gradients, so the engine only updates each
-rank's local rows. Those rows are the same rows the ZeRO layout would give (chunks of dim 0), so
-spectral decay runs unchanged: one all-reduce of the partial ``W^T u`` vectors over the mesh.
+FSDP2 (and the TP layers' backward) have already reduced and averaged the gradients, so the engine
+only updates each rank's local block. A block of whole rows (chunks of dim 0) is what the ZeRO layout
+would give, so spectral decay runs unchanged: one all-reduce of the partial ``W^T u`` vectors over the
+mesh. A 2-D weight whose columns are split as well needs a second small all-reduce, of ``W v``.
 
 HSDP (``fully_shard`` on a 2-D ``("replicate", "shard")`` mesh, placements ``(Replicate(), Shard(0))``):
 FSDP2 has averaged the gradients over both dims, so every replica holds the same rows and gradients.
@@ -27,8 +29,6 @@ try:  # public since torch 2.5
 except ImportError:  # pragma: no cover - older torch
     from torch.distributed._tensor import DTensor, Replicate, Shard  # type: ignore[no-redef]
 
-_LAYOUTS = ((Shard(0),), (Replicate(), Shard(0)))  # FSDP2 on a 1-D mesh; HSDP on a 2-D mesh
-
 
 def is_dtensor(t: Any) -> bool:
     return isinstance(t, DTensor)
@@ -39,8 +39,17 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def local_grad(p: torch.Tensor) -> torch.Tensor | None:
+    """This rank's part of ``p.grad``, laid out as ``p``'s local part: a gradient placed otherwise (a Partial
+    sum from tensor parallelism) is redistributed first, a collective every rank makes for the same params."""
+    g = p.grad
+    if isinstance(g, DTensor) and isinstance(p, DTensor) and tuple(g.placements) != tuple(p.placements):
+        g = g.redistribute(p.device_mesh, p.placements)
+    return None if g is None else local_tensor(g)
+
+
 def _mesh_of(params: list[torch.Tensor]) -> Any | None:
-    """The device mesh of DTensor ``params`` (all on one mesh, in a supported layout); None if none are."""
+    """The device mesh of DTensor ``params`` (all on one mesh, placed by Shard and Replicate); None if none are."""
     dtensors = [p for p in params if isinstance(p, DTensor)]
     if not dtensors:
         return None
@@ -51,10 +60,9 @@ def _mesh_of(params: list[torch.Tensor]) -> Any | None:
     for i, p in enumerate(dtensors):
         if p.device_mesh != mesh:
             raise ValueError(f"parameter #{i} lives on a different device mesh; all must share one")
-        if tuple(p.placements) not in _LAYOUTS:
-            raise ValueError(f"parameter #{i} has placements {p.placements} on a {mesh.ndim}-D mesh; only "
-                             "Shard(0) on a 1-D mesh (FSDP2) and (Replicate(), Shard(0)) on a 2-D mesh (HSDP) "
-                             "are supported")
+        if not all(isinstance(pl, (Shard, Replicate)) for pl in p.placements):
+            raise ValueError(f"parameter #{i} has placements {p.placements}; only Shard and Replicate placements "
+                             "are supported (a Partial parameter is a sum not yet taken)")
     return mesh
 
 
@@ -70,32 +78,43 @@ def mesh_group(params: list[torch.Tensor]) -> Any | None:
     return mesh._flatten().get_group()  # a 2-D mesh over some of the processes: one group of its ranks
 
 
-def counts_rows(params: list[torch.Tensor]) -> bool:
-    """Whether this rank adds its rows to sums over rows: on a 2-D (HSDP) mesh, the first replica only."""
-    mesh = _mesh_of(params)
-    return mesh is None or mesh.ndim == 1 or mesh.get_local_rank(0) == 0
-
-
-def _dim0_offset(p: Any) -> int:
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-    return offset[0] if offset else 0
+def _counts(p: Any) -> bool:
+    """Whether this rank adds its part of ``p`` to sums over the mesh: along every mesh dim that
+    replicates ``p``, the first rank only (the others hold the same values and add zeros)."""
+    return all(p.device_mesh.get_local_rank(d) == 0 for d, pl in enumerate(p.placements) if isinstance(pl, Replicate))
 
 
 def make_slot(p: Any, index: int, group_index: int, spectral_enabled: bool) -> Slot:
-    """A slot describing the rows this rank already holds."""
+    """A slot describing the block of ``p`` this rank already holds.
+
+    Element-wise state needs nothing but the local tensor. Spectral decay needs whole rows of each
+    matrix, or, for a 2-D weight whose columns are split too (tensor parallelism's Shard(1)), a block of
+    rows and columns: its power step then sums ``W v`` over the ranks as well (``decay.split_products``).
+    """
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
     shape = SpectralShape.of(p) if spectral_enabled else None
-    local = p.to_local()
-    inner = math.prod(p.shape[1:]) if p.ndim else 1
-    offset = _dim0_offset(p)
-    if shape is not None:
-        row_len, rows = shape.row_len, p.numel() // shape.row_len
-        row_start, local_rows = offset * (inner // shape.row_len), local.numel() // shape.row_len
+    local_shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    n_local = math.prod(local_shape)
+    block = tuple(slice(o, o + n) for o, n in zip(offset, local_shape))
+    counts = _counts(p)
+    if shape is None:
+        return Slot(p, index, group_index, None, 1, p.numel(), n_local, local_rows=n_local, counts=counts,
+                    local_block=block)
+    split_cols = local_shape[-1] != p.shape[-1]
+    if tuple(local_shape[1:-1]) != tuple(p.shape[1:-1]) or (split_cols and (p.ndim != 2 or shape.columns)):
+        raise ValueError(f"parameter #{index} {tuple(p.shape)} with placements {p.placements}: spectral decay "
+                         "needs whole rows of each matrix, or a 2-D weight split by rows and columns (without "
+                         "column heads); set use_spectral_decay = False on it, or shard it on dim 0 or 1")
+    if split_cols:
+        rows, row_len = p.shape[0], local_shape[1]
+        row_start, local_rows, col_start = offset[0], local_shape[0], offset[1]
     else:
-        row_len, rows = 1, p.numel()
-        row_start, local_rows = offset * inner, local.numel()
-    return Slot(p, index, group_index, shape, row_len, rows, local_rows, row_start=row_start, local_rows=local_rows)
+        inner = math.prod(p.shape[1:])
+        row_len, rows = shape.row_len, p.numel() // shape.row_len
+        row_start, local_rows, col_start = offset[0] * (inner // row_len), n_local // row_len, 0
+    return Slot(p, index, group_index, shape, row_len, rows, local_rows, row_start=row_start, local_rows=local_rows,
+                col_start=col_start, counts=counts, local_block=block)
 
 
 def like_param(p: Any, local_flat: torch.Tensor, per_row: bool, replicated: bool = False) -> DTensor:

@@ -32,6 +32,9 @@ class Slot:
     row_start: int = 0  # first global row owned by this rank
     local_rows: int = 0  # rows owned by this rank (0 on ranks past the end)
     u_offset: int = 0  # offset of this param's u rows in the bucket's u buffer (spectral only)
+    col_start: int = 0  # first global column of this rank's block, when ranks split a matrix's columns too
+    counts: bool = True  # adds its part to sums over ranks (False on replicas past the first: they add zeros)
+    local_block: tuple[slice, ...] | None = None  # DTensor params: this rank's block of the global tensor
 
     @property
     def section_numel(self) -> int:
@@ -47,9 +50,15 @@ class Slot:
         return (self.rows,) if per_row or self.row_len == 1 else (self.rows, self.row_len)
 
     @property
+    def cols_split(self) -> bool:
+        """Whether ranks split this matrix's columns as well as its rows (tensor parallelism's Shard(1))."""
+        return self.spectral is not None and self.row_len != self.spectral.row_len
+
+    @property
     def u_replicated(self) -> bool:
-        """Whether every rank holds the whole u (column heads: u runs along the rows no rank splits)."""
-        return self.spectral is not None and self.spectral.columns
+        """Whether every rank holds the whole u: for column heads u runs along the dim no rank splits, and
+        where the columns are split every rank needs all of ``W v``."""
+        return self.spectral is not None and (self.spectral.columns or self.cols_split)
 
     @property
     def u_local(self) -> int:

@@ -189,11 +189,12 @@ class ShardedOptimizer(Optimizer):
 
     def _grad_norm_sq(self, grads: Grads) -> torch.Tensor:
         """This rank's part of the squared global norm of ``grads`` (summed over the ranks by the caller)."""
-        present = [g for g in grads if g is not None and g.numel()]
+        # a replica past the first adds nothing: its elements are counted where they first appear
+        present = [g for s, g in zip(self._slots, grads) if g is not None and g.numel() and s.counts]
         if not present:
             return torch.zeros(1, dtype=torch.float32, device=self.device)
         norms = torch._foreach_norm(present)
-        return self._shards.rows_part(torch.stack([n.float() for n in norms]).square().sum().reshape(1))
+        return torch.stack([n.float() for n in norms]).square().sum().reshape(1)
 
     @torch.compiler.disable  # see step()
     @torch.no_grad()
@@ -257,11 +258,13 @@ class ShardedOptimizer(Optimizer):
                 shards.scale_grads(grads, (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0))
 
         # Decay and the rule update, per group, of the params that got a gradient on some rank.
-        active = control.active
+        active = [s for s in self._slots if control.active[s.index]]
+        wv = decay.split_products(active, lambda s: self.storage.wide_master(self.state[s.param])["master_param"],
+                                  control.wtu, shards)  # matrices split by columns: their W v, summed
         for gi, group in enumerate(self.param_groups):
-            slots = [s for s in self._slots if s.group_index == gi and active[s.index]]
+            slots = [s for s in active if s.group_index == gi]
             if slots:
-                self._update_group(group, slots, grads, control.wtu)
+                self._update_group(group, slots, grads, control.wtu, wv)
         del grads
         shards.discard()  # free the gradient shards before the all-gather buffers exist
 
@@ -279,7 +282,7 @@ class ShardedOptimizer(Optimizer):
         the counts every rank must agree on."""
         flags = torch.tensor([s.param.grad is not None for s in self._slots], dtype=torch.float32,
                              device=self.device)
-        wtu = {s.index: self._shards.rows_part(decay.wtu_partial(s, self.storage.wide_master(self.state[s.param])))
+        wtu = {s.index: decay.wtu_partial(s, self.storage.wide_master(self.state[s.param]))
                for s in self._slots
                if s.spectral is not None and float(self.param_groups[s.group_index]["weight_decay"]) != 0}
         return Control(flags, wtu, self._agreement_values())
@@ -322,14 +325,14 @@ class ShardedOptimizer(Optimizer):
         return grads
 
     def _update_group(self, group: dict[str, Any], slots: list[Slot], grads: Grads,
-                      wtu: dict[int, torch.Tensor]) -> None:
+                      wtu: dict[int, torch.Tensor], wv: dict[int, torch.Tensor]) -> None:
         lr = float(group["lr"])
         states = [self.state[s.param] for s in slots]
         for st in states:
             st["step"] += 1
         steps = [float(st["step"]) for st in states]
         stored, states = states, [self.storage.wide_master(st) for st in states]  # computes on wide masters
-        decays = [decay.plan(s, st, group, lr, self.uses_spectral_decay, wtu.get(s.index))
+        decays = [decay.plan(s, st, group, lr, self.uses_spectral_decay, wtu.get(s.index), wv.get(s.index))
                   for s, st in zip(slots, states)]
         if self._ablation_cfg:  # AdamATan2/AdamW ablations: their params take a per-tensor path
             ablations.check_unchanged(group, self._ablation_cfg[slots[0].group_index])

@@ -53,7 +53,6 @@ class Shards:
         self.accumulating = False  # inside no_sync(): backward hooks launch no reduction
         self.backward_passes = 0  # since the last step, counted where hooks can see them (ZeRO)
         self.zero_grads = 0  # zero_grad() calls since the last step
-        self.counts_rows = True  # False on HSDP replicas past the first: they add zeros to sums over rows
 
     @property
     def sharded(self) -> str | None:
@@ -94,11 +93,6 @@ class Shards:
         ``side``: on the second group, for calls some rank might make alone by mistake."""
         return self.comm.all_reduce(t, what, op=op, side=side) if self.comm else DONE
 
-    def rows_part(self, t: torch.Tensor) -> torch.Tensor:
-        """This rank's part of a SUM over rows (a norm, ``W^T u``): ``t``, or zeros on a replica whose
-        rows another replica already counts (zeros, not ``t * 0``, which an inf would turn into NaN)."""
-        return t if self.counts_rows else torch.zeros_like(t)
-
     def reduce_min(self, t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
         """Element-wise min of ``t`` over the ranks, as float64 on the CPU."""
         t = t.to(device=device, dtype=torch.float64)
@@ -127,8 +121,8 @@ class Shards:
         """This rank's averaged gradient rows per slot (None: no gradient here), kept until ``discard``."""
         if self._grads is None:
             self._mark(self.slots)
-            self._grads = [None if s.param.grad is None else self._unscaled(fsdp.local_tensor(s.param.grad).reshape(-1))
-                           for s in self.slots]
+            grads = [fsdp.local_grad(s.param) for s in self.slots]
+            self._grads = [None if g is None else self._unscaled(g.reshape(-1)) for g in grads]
         return self._grads
 
     def _unscaled(self, g: torch.Tensor) -> torch.Tensor:
@@ -305,9 +299,13 @@ class DTensorRows(Shards):
         return fsdp.make_slot(p, index, group_index, spectral)
 
     def rows_of(self, slot: Slot, full: torch.Tensor, per_row: bool = False) -> torch.Tensor:
-        if fsdp.is_dtensor(full) and not (per_row and slot.u_replicated):
+        if per_row and slot.u_replicated:
+            return (full.full_tensor() if fsdp.is_dtensor(full) else full).reshape(-1)  # type: ignore[attr-defined]
+        if fsdp.is_dtensor(full):
             return fsdp.local_tensor(full).reshape(-1)
-        return super().rows_of(slot, full, per_row)
+        assert slot.local_block is not None
+        block = slot.local_block[:-1] if per_row else slot.local_block  # u: one value per row
+        return full.reshape(slot.param.shape[:-1] if per_row else slot.param.shape)[block].reshape(-1)
 
     def gather_state(self, state: dict[Any, dict[str, Any]]) -> dict[int, dict[str, torch.Tensor]]:
         """DTensors laid out like the parameters: torch.distributed.checkpoint reshards them by itself."""
@@ -326,9 +324,7 @@ def make_shards(params: list[torch.Tensor], process_group: Any | None, dtypes: d
     mesh_group = fsdp.mesh_group(params)
     if mesh_group is not None:
         comm = Comm(mesh_group, timeout)
-        rows = DTensorRows(comm if comm.world_size > 1 else None, master_dtype, dtypes)
-        rows.counts_rows = fsdp.counts_rows(params)
-        return rows
+        return DTensorRows(comm if comm.world_size > 1 else None, master_dtype, dtypes)
     if process_group is not None or (dist.is_available() and dist.is_initialized()):
         comm = Comm(process_group, timeout)
         if comm.world_size > 1:

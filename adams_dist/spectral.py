@@ -110,7 +110,7 @@ def head_segments(row_start: int, n_rows: int, rows_per_head: int) -> list[tuple
 def _runs(w_rows: torch.Tensor, u_rows: torch.Tensor, row_start: int, shape: SpectralShape):
     for lo, hi, h0, h1 in head_segments(row_start, w_rows.shape[0], shape.rows):
         n = h1 - h0
-        yield w_rows[lo:hi].view(n, -1, shape.cols), u_rows[lo:hi].view(n, -1), h0, h1
+        yield w_rows[lo:hi].view(n, -1, w_rows.shape[1]), u_rows[lo:hi].view(n, -1), h0, h1
 
 
 def partial_wtu(w_rows: torch.Tensor, u_rows: torch.Tensor, row_start: int, shape: SpectralShape,
@@ -143,7 +143,7 @@ def power_rows(w_rows: torch.Tensor, u_rows: torch.Tensor, row_start: int, shape
     v = v.to(w_rows.dtype)
     out = []
     for lo, hi, h0, h1 in head_segments(row_start, w_rows.shape[0], shape.rows):
-        w = w_rows[lo:hi].view(h1 - h0, -1, shape.cols)
+        w = w_rows[lo:hi].view(h1 - h0, -1, w_rows.shape[1])
         vt = v[h0:h1].unsqueeze(1)  # (n, 1, cols)
         wv = torch.bmm(w, vt.transpose(1, 2))  # (n, rows, 1)
         sigma_sq[h0:h1] += wv.square().sum(dim=(1, 2)).to(sigma_sq.dtype)
@@ -178,6 +178,30 @@ def decay_rows(w_rows: torch.Tensor, u_rows: torch.Tensor, row_start: int, shape
     runs = power_rows(w_rows, u_rows, row_start, shape, v, dead, sigma_sq)
     if coef != 0.0:
         apply_rank1(w_rows, runs, coef)
+
+
+def products(w_rows: torch.Tensor, row_start: int, shape: SpectralShape, v: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = W_r v`` per head over this rank's block (rows from ``row_start``, the columns ``v`` covers):
+    its part of ``W v`` where the ranks split the columns too."""
+    v = v.to(w_rows.dtype)
+    for lo, hi, h0, h1 in head_segments(row_start, w_rows.shape[0], shape.rows):
+        w = w_rows[lo:hi].view(h1 - h0, -1, w_rows.shape[1])
+        out[lo:hi].copy_(torch.bmm(w, v[h0:h1].unsqueeze(-1)).reshape(-1))
+
+
+def power_split(w_rows: torch.Tensor, u: torch.Tensor, row_start: int, shape: SpectralShape, v: torch.Tensor,
+                dead: torch.Tensor, wv: torch.Tensor, counts_sigma: bool, sigma_sq: torch.Tensor) -> list[PowerRun]:
+    """The power step of a matrix whose rows and columns the ranks split: ``u <- W v`` from ``wv``, the sum
+    over ranks of ``products`` (u is whole on every rank), and the rank-1 decay's pieces for this rank's
+    block as ``power_rows`` gives them (``v``: its columns of v). ``counts_sigma``: this rank reports ``||W v||^2``."""
+    wv = wv.to(w_rows.dtype)
+    sigma_sq.copy_(wv.view(shape.heads, -1).square().sum(dim=1) if counts_sigma else torch.zeros_like(sigma_sq))
+    v = v.to(w_rows.dtype)
+    runs = [(lo, hi, wv[row_start + lo: row_start + hi].view(h1 - h0, -1, 1), v[h0:h1].unsqueeze(1))
+            for lo, hi, h0, h1 in head_segments(row_start, w_rows.shape[0], shape.rows)]
+    u.copy_(wv)
+    _restart_dead(u, 0, shape, dead)
+    return runs
 
 
 def _column_heads(w_rows: torch.Tensor, shape: SpectralShape) -> torch.Tensor:
