@@ -58,7 +58,7 @@ def wtu_partial(slot: Slot, state: dict[str, Any]) -> torch.Tensor:
     assert shape is not None
     rows = state["master_param"].view(-1, slot.row_len)
     if shape.columns:
-        out = spectral.partial_columns(rows.float(), state["u"].float(), shape)
+        out = spectral.partial_columns(rows.float(), state["u"].float(), slot.col_start // shape.rows, shape)
     else:
         out = torch.zeros(shape.heads, shape.cols, dtype=torch.float32, device=rows.device)
         u = state["u"][slot.row_start: slot.row_start + slot.local_rows] if slot.cols_split else state["u"]
@@ -71,7 +71,7 @@ def split_products(slots: list[Slot], master_of: Callable[[Slot], torch.Tensor],
                    shards: Any) -> dict[int, torch.Tensor]:
     """The second half of the power step for matrices whose columns the ranks split: every rank holds part
     of each row's ``W v``. One all-reduce of these u-sized vectors sums them for all such matrices."""
-    split = [s for s in slots if s.cols_split and s.index in wtu]
+    split = [s for s in slots if s.cols_split and s.index in wtu and s.spectral and not s.spectral.columns]
     if not split:
         return {}
     parts = []
@@ -110,7 +110,8 @@ def plan(slot: Slot, state: dict[str, Any], group: dict[str, Any], lr: float, sp
     # the rank (and its replicas) that reports ||W v||^2 where every rank computes it whole
     first = slot.row_start == 0 and slot.col_start == 0 and slot.local_numel > 0
     if shape.columns:
-        runs = spectral.power_columns(rows, state["u"], first, shape, wtu, state["sigma_sq"])
+        runs = spectral.power_columns(rows, state["u"], slot.col_start // shape.rows, first, shape, wtu,
+                                      state["sigma_sq"])
     elif slot.cols_split:
         assert wv is not None
         v, dead = spectral.normalize_heads(wtu)

@@ -28,6 +28,11 @@ try:  # public since torch 2.5
     from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # pragma: no cover - older torch
     from torch.distributed._tensor import DTensor, Replicate, Shard  # type: ignore[no-redef]
+try:  # FSDP2 over tensor parallelism shards dim 0 of a Shard(0) weight again: a strided shard (not a Shard)
+    from torch.distributed.tensor.placement_types import _StridedShard
+    _PLACED_BY: tuple[type, ...] = (Shard, Replicate, _StridedShard)
+except ImportError:  # pragma: no cover - older torch
+    _PLACED_BY = (Shard, Replicate)
 
 
 def is_dtensor(t: Any) -> bool:
@@ -60,7 +65,7 @@ def _mesh_of(params: list[torch.Tensor]) -> Any | None:
     for i, p in enumerate(dtensors):
         if p.device_mesh != mesh:
             raise ValueError(f"parameter #{i} lives on a different device mesh; all must share one")
-        if not all(isinstance(pl, (Shard, Replicate)) for pl in p.placements):
+        if not all(isinstance(pl, _PLACED_BY) for pl in p.placements):
             raise ValueError(f"parameter #{i} has placements {p.placements}; only Shard and Replicate placements "
                              "are supported (a Partial parameter is a sum not yet taken)")
     return mesh
@@ -102,10 +107,12 @@ def make_slot(p: Any, index: int, group_index: int, spectral_enabled: bool) -> S
         return Slot(p, index, group_index, None, 1, p.numel(), n_local, local_rows=n_local, counts=counts,
                     local_block=block)
     split_cols = local_shape[-1] != p.shape[-1]
-    if tuple(local_shape[1:-1]) != tuple(p.shape[1:-1]) or (split_cols and (p.ndim != 2 or shape.columns)):
+    # column heads split by columns: each rank must hold whole heads (its heads' matrices are then local)
+    torn_heads = split_cols and shape.columns and (offset[-1] % shape.rows or local_shape[-1] % shape.rows)
+    if tuple(local_shape[1:-1]) != tuple(p.shape[1:-1]) or (split_cols and p.ndim != 2) or torn_heads:
         raise ValueError(f"parameter #{index} {tuple(p.shape)} with placements {p.placements}: spectral decay "
-                         "needs whole rows of each matrix, or a 2-D weight split by rows and columns (without "
-                         "column heads); set use_spectral_decay = False on it, or shard it on dim 0 or 1")
+                         "needs whole rows of each matrix, a 2-D weight split by rows and columns, or column heads "
+                         "split by whole heads; set use_spectral_decay = False on it, or shard it on dim 0 or 1")
     if split_cols:
         rows, row_len = p.shape[0], local_shape[1]
         row_start, local_rows, col_start = offset[0], local_shape[0], offset[1]

@@ -77,6 +77,22 @@ class Slot:
             return (self.spectral.u_numel,)
         return self.rows_shape(per_row=True) if sharded else tuple(self.param.shape[:-1])
 
+    def global_index(self, start: int, n: int, device: torch.device) -> torch.Tensor:
+        """Flat indices within the whole parameter of this rank's local elements ``start .. start + n``."""
+        block = self.local_block
+        if not block or all(b.stop - b.start == size for b, size in zip(block[1:], self.param.shape[1:])):
+            first = self.local_range[0] if not block else block[0].start * math.prod(self.param.shape[1:])
+            return torch.arange(first + start, first + start + n, dtype=torch.int64, device=device)
+        # a block split inside (tensor parallelism): unravel local positions, offset them, ravel globally
+        local = torch.arange(start, start + n, dtype=torch.int64, device=device)
+        index = torch.zeros_like(local)
+        stride = 1
+        for b, size in zip(reversed(block), reversed(self.param.shape)):
+            local, coord = local.div(b.stop - b.start, rounding_mode="floor"), local % (b.stop - b.start)
+            index += (coord + b.start) * stride
+            stride *= size
+        return index
+
     @property
     def local_range(self) -> tuple[int, int]:
         """Element range of this rank's rows inside the flattened parameter."""

@@ -17,6 +17,8 @@ bfloat16 value has 65537 float32 values rounding to it, one more than 16 bits ca
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 _MASK32 = 0xFFFFFFFF
@@ -38,18 +40,25 @@ def key(seed: int, index: int, step: int) -> int:
     return int(_mix(_mix(x[:1]) ^ x[1:]).item())
 
 
-def stochastic_round_(out: torch.Tensor, value: torch.Tensor, key_: int, first: int) -> None:
-    """``out`` (bfloat16, flat) <- ``value`` (float32, flat) rounded stochastically; ``first`` is the
-    index of ``value[0]`` within its parameter. Non-finite values are stored as they are."""
+def stochastic_round_(out: torch.Tensor, value: torch.Tensor, key_: int,
+                      index_of: Callable[[int, int, torch.device], torch.Tensor]) -> None:
+    """``out`` (bfloat16, flat) <- ``value`` (float32, flat) rounded stochastically; ``index_of(start, n,
+    device)`` gives the indices within the whole parameter of ``value[start: start + n]``, so the noise is
+    the same at any sharding. Non-finite values are stored as they are."""
     value = value.contiguous()
     for start in range(0, value.numel(), CHUNK):  # the hash's int64 temporaries stay cache-sized
         part = value[start: start + CHUNK]
-        index = torch.arange(first + start, first + start + part.numel(), dtype=torch.int64, device=value.device)
+        index = index_of(start, part.numel(), value.device)
         noise = (_mix(index ^ key_) & 0xFFFF).to(torch.int32)
         # Adding to the bit pattern adds to the magnitude whatever the sign; clearing the low 16 bits then
         # leaves a bfloat16 value: rounded up with probability (dropped bits) / 2**16.
         rounded = ((part.view(torch.int32) + noise) & -65536).view(torch.float32)
         out[start: start + CHUNK].copy_(torch.where(torch.isfinite(part), rounded, part))
+
+
+def from_first(first: int) -> Callable[[int, int, torch.device], torch.Tensor]:
+    """``index_of`` for values that are the parameter's elements ``first, first + 1, ...``."""
+    return lambda start, n, device: torch.arange(first + start, first + start + n, dtype=torch.int64, device=device)
 
 
 def split_(value: torch.Tensor, high: torch.Tensor, remainder: torch.Tensor) -> None:

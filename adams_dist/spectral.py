@@ -205,34 +205,40 @@ def power_split(w_rows: torch.Tensor, u: torch.Tensor, row_start: int, shape: Sp
 
 
 def _column_heads(w_rows: torch.Tensor, shape: SpectralShape) -> torch.Tensor:
-    """Local rows of a column-heads weight as ``(heads, local rows, rows of a head)``: ``A_h^T``'s rows."""
-    return w_rows.view(-1, shape.heads, shape.rows).transpose(0, 1)
+    """Local rows of a column-heads weight as ``(local heads, local rows, rows of a head)``: ``A_h^T``'s
+    rows (a rank may hold some of the heads, when the ranks split the columns by whole heads)."""
+    return w_rows.view(w_rows.shape[0], -1, shape.rows).transpose(0, 1)
 
 
-def partial_columns(w_rows: torch.Tensor, u: torch.Tensor, shape: SpectralShape) -> torch.Tensor:
+def partial_columns(w_rows: torch.Tensor, u: torch.Tensor, first_head: int, shape: SpectralShape) -> torch.Tensor:
     """This rank's ``(heads, rows + 1)`` part of the column-heads power step: ``A_r v_r`` and ``||v_r||^2``,
-    with ``v_r = A_r^T u`` its rows of v unnormalised (u: the whole replicated vector)."""
+    with ``v_r = A_r^T u`` its rows of v unnormalised (u: the whole replicated vector), for the heads it
+    holds from ``first_head`` on; zeros for the others."""
     w = _column_heads(w_rows, shape)
-    v = torch.bmm(w, u.view(shape.heads, shape.rows, 1))  # (heads, local rows, 1)
-    av = torch.bmm(v.transpose(1, 2), w).squeeze(1)  # (heads, rows)
-    return torch.cat([av, v.square().sum(dim=(1, 2)).unsqueeze(1)], dim=1)
+    heads = slice(first_head, first_head + w.shape[0])
+    v = torch.bmm(w, u.view(shape.heads, shape.rows, 1)[heads])  # (local heads, local rows, 1)
+    av = torch.bmm(v.transpose(1, 2), w).squeeze(1)  # (local heads, rows)
+    out = torch.zeros(shape.heads, shape.rows + 1, dtype=w.dtype, device=w.device)
+    out[heads] = torch.cat([av, v.square().sum(dim=(1, 2)).unsqueeze(1)], dim=1)
+    return out
 
 
-def power_columns(w_rows: torch.Tensor, u: torch.Tensor, counts_sigma: bool, shape: SpectralShape,
+def power_columns(w_rows: torch.Tensor, u: torch.Tensor, first_head: int, counts_sigma: bool, shape: SpectralShape,
                   summed: torch.Tensor, sigma_sq: torch.Tensor) -> list[PowerRun]:
     """The power step of column heads from ``summed``, the sum over ranks of ``partial_columns``:
-    ``u <- A v`` (the same on every rank) and the rank-1 decay's pieces as one run over the local rows, in
+    ``u <- A v`` (the same on every rank) and the rank-1 decay's pieces as one run over the local block, in
     ``_column_heads`` view: ``W[:, block] -= coef * v (A v)^T`` is ``A -= coef * (A v) v^T``.
     ``counts_sigma``: this rank reports ``||A v||^2`` (one rank does, the others report 0)."""
     av, norm = summed[:, :-1], summed[:, -1].sqrt()
     scale = 1.0 / norm.clamp_min(torch.finfo(summed.dtype).tiny)
     w = _column_heads(w_rows, shape)
-    v = torch.bmm(w, u.view(shape.heads, shape.rows, 1).to(w.dtype)) * scale.view(-1, 1, 1).to(w.dtype)
+    heads = slice(first_head, first_head + w.shape[0])
+    v = torch.bmm(w, u.view(shape.heads, shape.rows, 1)[heads].to(w.dtype)) * scale[heads].view(-1, 1, 1).to(w.dtype)
     av = (av * scale[:, None]).to(w.dtype)
     sigma_sq.copy_(av.square().sum(dim=1) if counts_sigma else torch.zeros_like(sigma_sq))
     u.copy_(av.reshape(-1))
     _restart_dead(u, 0, shape, norm == 0)
-    return [(0, w_rows.shape[0], v, av.unsqueeze(1))]
+    return [(0, w_rows.shape[0], v, av[heads].unsqueeze(1))]
 
 
 def apply_rank1_columns(w_rows: torch.Tensor, runs: list[PowerRun], coef: float, shape: SpectralShape) -> None:

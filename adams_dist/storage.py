@@ -79,7 +79,7 @@ class Storage:
                 rounding.split_(value, st["master_param"], st["master_remainder"])
             else:  # no master: the bf16 parameter, rounded stochastically
                 rounding.stochastic_round_(st["master_param"], value,
-                                           rounding.key(self.rounding_seed, slot.index, int(t)), slot.local_range[0])
+                                           rounding.key(self.rounding_seed, slot.index, int(t)), slot.global_index)
 
     def apply_8bit(self, apply: Callable[..., None], names: Sequence[str], states: list[dict[str, Any]],
                    *per_param: list[Any]) -> None:

@@ -33,7 +33,7 @@ def test_rounds_to_a_neighbour_with_the_right_probability() -> None:
     n = 20_000  # samples per value, one element index each
     samples = values.repeat_interleave(n)
     out = torch.empty_like(samples, dtype=BF16)
-    rounding.stochastic_round_(out, samples, rounding.key(0, 3, 7), first=0)
+    rounding.stochastic_round_(out, samples, rounding.key(0, 3, 7), rounding.from_first(0))
     got = out.double().view(64, n)
     low, high, frac = _neighbours(values)
     assert torch.all((got == low[:, None]) | (got == high[:, None])), "not a bf16 neighbour of the value"
@@ -46,10 +46,10 @@ def test_rounds_to_a_neighbour_with_the_right_probability() -> None:
 def test_exact_and_special_values_are_kept() -> None:
     exact = torch.tensor([0.0, -0.0, 1.0, -2.5, 2.0**100, float("inf"), -float("inf")])
     out = torch.empty_like(exact, dtype=BF16)
-    rounding.stochastic_round_(out, exact, rounding.key(1, 0, 1), first=5)
+    rounding.stochastic_round_(out, exact, rounding.key(1, 0, 1), rounding.from_first(5))
     assert torch.equal(out.float(), exact.to(BF16).float())
     nan = torch.empty(1, dtype=BF16)
-    rounding.stochastic_round_(nan, torch.tensor([math.nan]), 123, first=0)
+    rounding.stochastic_round_(nan, torch.tensor([math.nan]), 123, rounding.from_first(0))
     assert nan.isnan().all()
 
 
@@ -57,7 +57,7 @@ def test_the_bits_depend_on_seed_parameter_step_and_element_only() -> None:
     x = torch.full((4096,), 1.0 + 2**-9)  # exactly halfway between two bf16 values
     def rounded(seed: int, index: int, step: int, first: int) -> torch.Tensor:
         out = torch.empty_like(x, dtype=BF16)
-        rounding.stochastic_round_(out, x, rounding.key(seed, index, step), first)
+        rounding.stochastic_round_(out, x, rounding.key(seed, index, step), rounding.from_first(first))
         return out
     base = rounded(0, 1, 1, 0)
     assert torch.equal(base, rounded(0, 1, 1, 0))
