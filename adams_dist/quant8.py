@@ -17,12 +17,15 @@ codes (absmax * code / 255) stored everything below absmax/510 as 0, and AdamW's
   decade. The rules read v through sqrt(v) (or v itself, SRF), and the sqrt domain keeps 7 decades of
   sqrt(v) where coding v directly keeps 3.5 (measured against it: docs/results.md).
 
-Codes are nearest (on a midpoint, the lower table entry). The engine counts blocks within each
+A code is the magnitude nearest float32(|x| / scale) (on a midpoint, the smaller one), with the sign
+of x. The engine counts blocks within each
 parameter's rows on this rank, so no block straddles a shard boundary. A NaN makes its block's scale
 NaN: the whole block reads back as NaN. The dtype of the codes tells the two formats apart.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +37,8 @@ CHUNK = BLOCK * 1024  # elements (whole blocks) quantized in one pass: 256K, so 
 
 
 def dynamic_map(bits: int) -> list[float]:
-    """The 2**bits values of ``bits`` magnitude bits, ascending from 0 to 1: z leading zero bits, then a 1,
-    then ``bits - 1 - z`` bits of linear fraction in the decade [10**-(z+1), 10**-z] (its top included)."""
+    """The 2**bits magnitudes of ``bits`` bits, ascending from 0 to 1: z leading zero bits, then a 1, then
+    ``bits - 1 - z`` bits of linear fraction in the decade [10**-(z+1), 10**-z] (its top included)."""
     values = [0.0]
     for z in range(bits - 1, -1, -1):  # smallest decade first
         k = 2 ** (bits - 1 - z)  # fraction steps in this decade
@@ -43,16 +46,31 @@ def dynamic_map(bits: int) -> list[float]:
     return values
 
 
-def _table(dtype: torch.dtype) -> torch.Tensor:
-    """The value of each code, indexed by ``code + QMAX`` (int8) or ``code`` (uint8), float32."""
-    mags = dynamic_map(7 if dtype == torch.int8 else 8)
-    return torch.tensor([-x for x in mags[:0:-1]] + mags if dtype == torch.int8 else mags, dtype=torch.float32)
+def _encoder(mags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest magnitude by two table reads instead of a binary search (torch.bucketize: 30x slower here).
+    The top 16 bits of a float32 >= 0 (exponent and 7 mantissa bits) name a bucket at most 1/128 of its
+    values wide, narrower than the gap between neighbouring magnitudes, so it holds at most one midpoint:
+    ``first[bucket]`` is the nearest magnitude at the bucket's lower edge, and a value above
+    ``above[first]``, the midpoint to the next magnitude, takes the next."""
+    mids = (mags[1:].double() + mags[:-1].double()) / 2
+    edges = (torch.arange(1 << 15, dtype=torch.int32) << 16).view(torch.float32)  # all bucket lower edges
+    first = torch.bucketize(edges.double(), mids).to(torch.int32)  # on a midpoint, the lower magnitude
+    above = mids.float()
+    above = torch.where(above.double() > mids, torch.nextafter(above, torch.zeros(())), above)  # a > above <=> a > mid
+    return first, torch.cat([above, torch.tensor([float("inf")])])
 
 
-TABLE = {dt: _table(dt) for dt in QMAX}
-MIDS = {dt: ((t[1:].double() + t[:-1].double()) / 2) for dt, t in TABLE.items()}  # nearest entry: bucketize
-OFFSET = {torch.int8: 127, torch.uint8: 0}  # code = table index - OFFSET
-SQRT_V = True  # v coded as sqrt(v)
+MAGS = {torch.int8: torch.tensor(dynamic_map(7)), torch.uint8: torch.tensor(dynamic_map(8))}  # float32
+TABLE = {torch.int8: torch.cat([-MAGS[torch.int8].flip(0)[:-1], MAGS[torch.int8]]),  # code c: TABLE[c + 127]
+         torch.uint8: MAGS[torch.uint8]}
+ENCODER = {dt: _encoder(m) for dt, m in MAGS.items()}
+
+
+@functools.cache
+def _tables(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TABLE and ENCODER of the code dtype on ``device``: copied once, not at every chunk."""
+    first, above = ENCODER[dtype]
+    return TABLE[dtype].to(device), first.to(device), above.to(device)
 
 
 def n_blocks(numel: int) -> int:
@@ -78,26 +96,30 @@ def quantize_(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> Non
 
 def _quantize_chunk(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
     xb = _blocks(x)
-    if codes.dtype == torch.uint8 and SQRT_V:
+    if codes.dtype == torch.uint8:
         xb = xb.sqrt()
     scales.copy_(xb.abs().amax(dim=1))  # NaN in a block makes its scale NaN: it reads back as NaN
     s = scales.to(x.dtype)[:, None]  # divide by the stored (float32) scale, so that table * scale is the value read
-    y = xb / torch.where(s > 0, s, 1.0)  # in [-1, 1]
-    idx = torch.bucketize(y, MIDS[codes.dtype].to(y.dtype))  # nearest table entry; on a midpoint, the lower one
-    codes.copy_(idx.view(-1)[: x.numel()] - OFFSET[codes.dtype])
+    y = (xb / torch.where(s > 0, s, 1.0)).view(-1)[: x.numel()]  # in [-1, 1]
+    a = y.abs().float()
+    _, first, above = _tables(codes.dtype, a.device)
+    bucket = a.view(torch.int16)[1::2].int()  # the top 16 bits (little-endian); NaN: any bucket, its scale is NaN
+    mag = first.index_select(0, bucket)
+    mag += a > above.index_select(0, mag)
+    codes.copy_(mag if codes.dtype == torch.uint8 else mag.float().copysign_(y))  # (torch.where: 8x slower)
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The flat values ``codes`` and ``scales`` stand for, as a new ``dtype`` tensor."""
     codes = codes.reshape(-1)
-    table = TABLE[codes.dtype].to(dtype=dtype, device=codes.device)
+    table = _tables(codes.dtype, codes.device)[0].to(dtype)
     out = torch.empty(codes.numel(), dtype=dtype, device=codes.device)
     for lo in range(0, codes.numel(), CHUNK):
         c, part = codes[lo: lo + CHUNK], out[lo: lo + CHUNK]
-        vals = table[c.long() + OFFSET[codes.dtype]] if OFFSET[codes.dtype] else table[c.long()]
+        vals = table.index_select(0, c.int() + 127 if codes.dtype == torch.int8 else c.int())
         x = (_blocks(vals) * scales[lo // BLOCK: (lo + CHUNK) // BLOCK].to(dtype)[:, None]).view(-1)
         part.copy_(x[: c.numel()])
-        if codes.dtype == torch.uint8 and SQRT_V:
+        if codes.dtype == torch.uint8:
             part.square_()
     return out
 

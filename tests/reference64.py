@@ -126,9 +126,9 @@ def dynamic_table64(signed: bool) -> torch.Tensor:
 
 def codes64(x: torch.Tensor, signed: bool, block: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Float64 model of adams_dist/quant8.py's encoder: per block of ``block`` elements of flat ``x`` (the
-    last one short), the float32 scale absmax(y) and each element's code, the index of the table entry
-    nearest y / scale (a tie: the lower entry), minus 127 when signed. y is x (signed) or sqrt(x)."""
-    table = dynamic_table64(signed)
+    last one short), the float32 scale absmax(y) and each element's code: the sign of y times the index of
+    the magnitude nearest |y| / scale (a tie: the smaller magnitude). y is x (signed) or sqrt(x)."""
+    mags = dynamic_table64(signed)[127:] if signed else dynamic_table64(signed)
     flat = x.detach().to(F64).reshape(-1)
     codes = torch.empty(flat.numel(), dtype=torch.long)
     scales = torch.empty(-(-flat.numel() // block), dtype=F64)
@@ -136,7 +136,8 @@ def codes64(x: torch.Tensor, signed: bool, block: int = 256) -> tuple[torch.Tens
         b = flat[lo: lo + block] if signed else flat[lo: lo + block].sqrt()
         scale = float(torch.tensor(float(b.abs().max()), dtype=torch.float32))
         y = b / scale if scale > 0 else torch.zeros_like(b)
-        codes[lo: lo + block] = (y[:, None] - table[None, :]).abs().argmin(dim=1) - (127 if signed else 0)
+        mag = (y.abs()[:, None] - mags[None, :]).abs().argmin(dim=1)
+        codes[lo: lo + block] = torch.where(y < 0, -mag, mag)
         scales[lo // block] = scale
     return codes, scales
 

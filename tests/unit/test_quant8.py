@@ -52,21 +52,23 @@ def test_roundtrip_matches_the_float64_model_and_its_error_bounds(n: int, dtype:
             y = (blk if signed else blk.sqrt()) / float(scales[lo // B])  # in [-1, 1]
             # the code: the model's nearest entry, but where y sits on a midpoint to float32 rounding
             c, w = codes[lo: lo + B].long() + off, want_codes[lo: lo + B] + off
-            tie = ((y - table[c]).abs() - (y - table[w]).abs()).abs() <= (1e-6 if dtype == torch.float32 else 0)
+            tie = ((y - table[c]).abs() - (y - table[w]).abs()).abs() <= 1e-6  # (the code is chosen in float32)
             assert bool(((c == w) | tie).all()), f"block at {lo}: codes off the model away from a tie"
             # the value: within half a code step of the decade y lies in (sqrt domain for v)
             got_y = (got[lo: lo + B].double() if signed else got[lo: lo + B].double().sqrt()) / float(scales[lo // B])
             assert bool(((got_y - y).abs() <= _half_step(y, 7 if signed else 8) * (1 + 1e-5) + 1e-7).all())
             assert signed or bool((got[lo: lo + B] >= 0).all())
-        if dtype == torch.float64:  # the same operations in float64: the model's codes and values exactly
-            assert torch.equal(codes.long(), want_codes)
-            torch.testing.assert_close(got.double(), quantized64(x, signed), rtol=0, atol=0)
+        # where the codes agree, the model's value: to float32 rounding, or exactly when computing in float64
+        same = codes.long() == want_codes
+        assert int((~same).sum()) <= max(1, n // 1000)
+        torch.testing.assert_close(got.double()[same], quantized64(x, signed)[same],
+                                   rtol=1e-6 if dtype == torch.float32 else 0, atol=0)
 
 
 def test_the_tables_are_the_dynamic_maps() -> None:
     for dt, signed in ((torch.int8, True), (torch.uint8, False)):
         assert torch.equal(quant8.TABLE[dt].double(), dynamic_table64(signed))
-        assert quant8.TABLE[dt].numel() == 2 * quant8.QMAX[dt] + 1 if signed else 256
+        assert quant8.TABLE[dt].numel() == (255 if signed else 256)
 
 
 def test_chunked_passes_give_the_same_codes(monkeypatch: pytest.MonkeyPatch) -> None:
