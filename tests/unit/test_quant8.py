@@ -71,6 +71,24 @@ def test_the_tables_are_the_dynamic_maps() -> None:
         assert quant8.TABLE[dt].numel() == (255 if signed else 256)
 
 
+def test_codes_at_and_next_to_every_midpoint_are_the_nearest() -> None:
+    """On each midpoint between neighbouring codes (as float32, and the float32 values either side of it),
+    the code is the nearest in exact arithmetic, a tie taking the smaller magnitude: random data almost
+    never lands there."""
+    for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
+        mags = dynamic_table64(signed)[127:] if signed else dynamic_table64(signed)
+        mid = ((mags[1:] + mags[:-1]) / 2).float()
+        y = torch.cat([mid, torch.nextafter(mid, torch.tensor(2.0)), torch.nextafter(mid, torch.tensor(-1.0))])
+        y = torch.cat([y, -y]) if signed else y
+        x = y.double() if signed else y.double().square()  # (float64: sqrt gives y back exactly)
+        rows = torch.nn.functional.pad(x, (0, (-x.numel()) % (B - 1))).view(-1, B - 1)
+        blocks = torch.cat([torch.ones(rows.shape[0], 1, dtype=x.dtype), rows], dim=1).view(-1)  # scale 1: y exact
+        _, codes, scales = _roundtrip(blocks, name)
+        assert bool((scales == 1).all())
+        want, _ = codes64(blocks, signed)
+        assert torch.equal(codes.long(), want)
+
+
 def test_chunked_passes_give_the_same_codes(monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.randn(10 * B + 3, generator=torch.Generator().manual_seed(1))
     for name, xx in (("exp_avg", x), ("exp_avg_sq", x.square())):
