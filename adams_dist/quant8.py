@@ -1,26 +1,76 @@
 """``moment_dtype="8bit"``: the rule's moments as 8-bit codes with one float32 scale per block.
 
 A flat tensor of n elements is cut into blocks of ``BLOCK`` consecutive elements (the last may be
-short). Each block stores one float32 scale and one byte per element:
+short). Each block stores one float32 scale, its absmax, and one byte per element: the index of the
+nearest entry of a fixed table of values in [-1, 1]; it reads back as ``table[code] * scale``.
 
-- m (``exp_avg``, int8): ``m = code * scale``, code in [-127, 127], scale = absmax(m) / 127;
-- v (``exp_avg_sq``, uint8): coded in the square-root domain, ``v = (code * scale)**2``, code in
-  [0, 255], scale = absmax(sqrt(v)) / 255. The rules read v through its square root (atan2, AdamW),
-  and a block of v spans the square of a gradient's range: the sqrt domain halves the range coded.
+The tables are dynamic (tree) maps, as in 8-bit optimizers (Dettmers 2015; bitsandbytes, torchao): in
+a code's magnitude bits, a run of z zero bits picks the decade [10**-(z+1), 10**-z], and the bits
+after the first 1 a linear fraction of it; each decade holds half the codes of the one above. Linear
+codes (absmax * code / 255) stored everything below absmax/510 as 0, and AdamW's step there grew up to
+1/sqrt(1 - beta2) = 32 times too large: it diverged (docs/results.md, "8-bit moments").
 
-Codes are rounded to nearest. The engine counts blocks within each parameter's rows on this rank, so
-no block straddles a shard boundary. The dtype of the codes tells the two formats apart.
+- m (``exp_avg``, int8): code in [-127, 127], a sign and 7 bits of magnitude: |m| down to 1e-6 of the
+  block's absmax keeps a nonzero code, 64 codes in the top decade;
+- v (``exp_avg_sq``, uint8): code in [0, 255], coded in the square-root domain, ``v = (table[code] *
+  scale)**2``: sqrt(v) down to 1e-7 of the block's absmax (v down to 1e-14), 128 codes in the top
+  decade. The rules read v through sqrt(v) (or v itself, SRF), and the sqrt domain keeps 7 decades of
+  sqrt(v) where coding v directly keeps 3.5 (measured against it: docs/results.md).
+
+A code is the magnitude nearest float32(|x| / scale) (on a midpoint, the smaller one), with the sign
+of x. The engine counts blocks within each
+parameter's rows on this rank, so no block straddles a shard boundary. A NaN makes its block's scale
+NaN: the whole block reads back as NaN. The dtype of the codes tells the two formats apart.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 
 BLOCK = 256  # elements per scale: 4 bytes of scale per 256 codes, 1/64 of a byte per element
 CODE_DTYPES = {"exp_avg": torch.int8, "exp_avg_sq": torch.uint8}  # m signed; v unsigned, in the sqrt domain
-QMAX = {torch.int8: 127, torch.uint8: 255}
+QMAX = {torch.int8: 127, torch.uint8: 255}  # largest code; code 0 is the value 0
 CHUNK = BLOCK * 1024  # elements (whole blocks) quantized in one pass: 256K, so temporaries stay about 1 MB each
+
+
+def dynamic_map(bits: int) -> list[float]:
+    """The 2**bits magnitudes of ``bits`` bits, ascending from 0 to 1: z leading zero bits, then a 1, then
+    ``bits - 1 - z`` bits of linear fraction in the decade [10**-(z+1), 10**-z] (its top included)."""
+    values = [0.0]
+    for z in range(bits - 1, -1, -1):  # smallest decade first
+        k = 2 ** (bits - 1 - z)  # fraction steps in this decade
+        values += [10.0 ** -z * (0.1 + 0.9 * j / k) for j in range(1, k + 1)]
+    return values
+
+
+def _encoder(mags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest magnitude by two table reads instead of a binary search (torch.bucketize: 30x slower here).
+    The top 16 bits of a float32 >= 0 (exponent and 7 mantissa bits) name a bucket at most 1/128 of its
+    values wide, narrower than the gap between neighbouring magnitudes, so it holds at most one midpoint:
+    ``first[bucket]`` is the nearest magnitude at the bucket's lower edge, and a value above
+    ``above[first]``, the midpoint to the next magnitude, takes the next."""
+    mids = (mags[1:].double() + mags[:-1].double()) / 2
+    edges = (torch.arange(1 << 15, dtype=torch.int32) << 16).view(torch.float32)  # all bucket lower edges
+    first = torch.bucketize(edges.double(), mids).to(torch.int32)  # on a midpoint, the lower magnitude
+    above = mids.float()
+    above = torch.where(above.double() > mids, torch.nextafter(above, torch.zeros(())), above)  # a > above <=> a > mid
+    return first, torch.cat([above, torch.tensor([float("inf")])])
+
+
+MAGS = {torch.int8: torch.tensor(dynamic_map(7)), torch.uint8: torch.tensor(dynamic_map(8))}  # float32
+TABLE = {torch.int8: torch.cat([-MAGS[torch.int8].flip(0)[:-1], MAGS[torch.int8]]),  # code c: TABLE[c + 127]
+         torch.uint8: MAGS[torch.uint8]}
+ENCODER = {dt: _encoder(m) for dt, m in MAGS.items()}
+
+
+@functools.cache
+def _tables(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TABLE and ENCODER of the code dtype on ``device``: copied once, not at every chunk."""
+    first, above = ENCODER[dtype]
+    return TABLE[dtype].to(device), first.to(device), above.to(device)
 
 
 def n_blocks(numel: int) -> int:
@@ -45,23 +95,29 @@ def quantize_(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> Non
 
 
 def _quantize_chunk(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
-    qmax = QMAX[codes.dtype]
     xb = _blocks(x)
     if codes.dtype == torch.uint8:
         xb = xb.sqrt()
-    scales.copy_(xb.abs().amax(dim=1) / qmax)  # NaN in a block makes its scale NaN: it reads back as NaN
-    s = scales.to(x.dtype)[:, None]  # divide by the stored (float32) scale, so that code * scale is the value read
-    q = (xb / torch.where(s > 0, s, 1.0)).round_().clamp_(-qmax if codes.dtype == torch.int8 else 0, qmax)
-    codes.copy_(q.view(-1)[: x.numel()])
+    scales.copy_(xb.abs().amax(dim=1))  # NaN in a block makes its scale NaN: it reads back as NaN
+    s = scales.to(x.dtype)[:, None]  # divide by the stored (float32) scale, so that table * scale is the value read
+    y = (xb / torch.where(s > 0, s, 1.0)).view(-1)[: x.numel()]  # in [-1, 1]
+    a = y.abs().float()
+    _, first, above = _tables(codes.dtype, a.device)
+    bucket = a.view(torch.int16)[1::2].int()  # the top 16 bits (little-endian); NaN: any bucket, its scale is NaN
+    mag = first.index_select(0, bucket)
+    mag += a > above.index_select(0, mag)
+    codes.copy_(mag if codes.dtype == torch.uint8 else mag.float().copysign_(y))  # (torch.where: 8x slower)
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The flat values ``codes`` and ``scales`` stand for, as a new ``dtype`` tensor."""
     codes = codes.reshape(-1)
+    table = _tables(codes.dtype, codes.device)[0].to(dtype)
     out = torch.empty(codes.numel(), dtype=dtype, device=codes.device)
     for lo in range(0, codes.numel(), CHUNK):
         c, part = codes[lo: lo + CHUNK], out[lo: lo + CHUNK]
-        x = (_blocks(c.to(dtype)) * scales[lo // BLOCK: (lo + CHUNK) // BLOCK].to(dtype)[:, None]).view(-1)
+        vals = table.index_select(0, c.int() + 127 if codes.dtype == torch.int8 else c.int())
+        x = (_blocks(vals) * scales[lo // BLOCK: (lo + CHUNK) // BLOCK].to(dtype)[:, None]).view(-1)
         part.copy_(x[: c.numel()])
         if codes.dtype == torch.uint8:
             part.square_()

@@ -112,22 +112,43 @@ FORMULAS: dict[str, Formula] = {
 assert set(FORMULAS) == set(DEFAULTS)
 
 
-def quantized64(x: torch.Tensor, signed: bool, block: int = 256) -> torch.Tensor:
-    """Float64 model of adams_dist/quant8.py: what ``x`` reads back as after 8-bit blockwise storage.
+def dynamic_table64(signed: bool) -> torch.Tensor:
+    """The code values of adams_dist/quant8.py, ascending, from their definition: magnitude bits (7 signed,
+    8 unsigned) with z leading zeros, a 1, then f = bits - 1 - z fraction bits stand for
+    10**-z * (0.1 + 0.9 * j / 2**f), j = 1 .. 2**f; all zeros for 0. Signed: those magnitudes and their
+    negatives. Each value is stored as float32."""
+    bits = 7 if signed else 8
+    mags = sorted(10.0 ** -z * (0.1 + 0.9 * j / 2 ** (bits - 1 - z))
+                  for z in range(bits) for j in range(1, 2 ** (bits - 1 - z) + 1))
+    values = [-x for x in reversed(mags)] + [0.0] + mags if signed else [0.0] + mags
+    return torch.tensor(values, dtype=torch.float32).to(F64)
 
-    Blocks of ``block`` consecutive elements of the flattened tensor (the last one short); signed: code in
-    [-127, 127] times absmax/127; unsigned: in the sqrt domain, (code * absmax(sqrt x)/255)**2, code in
-    [0, 255]. The scale is stored in float32; codes are rounded to nearest (ties to even, as torch.round).
-    """
+
+def codes64(x: torch.Tensor, signed: bool, block: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 model of adams_dist/quant8.py's encoder: per block of ``block`` elements of flat ``x`` (the
+    last one short), the float32 scale absmax(y) and each element's code: the sign of y times the index of
+    the magnitude nearest |y| / scale (a tie: the smaller magnitude). y is x (signed) or sqrt(x)."""
+    mags = dynamic_table64(signed)[127:] if signed else dynamic_table64(signed)
     flat = x.detach().to(F64).reshape(-1)
-    out = torch.empty_like(flat)
-    qmax = 127 if signed else 255
+    codes = torch.empty(flat.numel(), dtype=torch.long)
+    scales = torch.empty(-(-flat.numel() // block), dtype=F64)
     for lo in range(0, flat.numel(), block):
         b = flat[lo: lo + block] if signed else flat[lo: lo + block].sqrt()
-        scale = float(torch.tensor(float(b.abs().max()) / qmax, dtype=torch.float32))
-        codes = (b / scale).round().clamp(-qmax if signed else 0, qmax) if scale > 0 else torch.zeros_like(b)
-        out[lo: lo + block] = codes * scale if signed else (codes * scale) ** 2
-    return out.view(x.shape)
+        scale = float(torch.tensor(float(b.abs().max()), dtype=torch.float32))
+        y = b / scale if scale > 0 else torch.zeros_like(b)
+        mag = (y.abs()[:, None] - mags[None, :]).abs().argmin(dim=1)
+        codes[lo: lo + block] = torch.where(y < 0, -mag, mag)
+        scales[lo // block] = scale
+    return codes, scales
+
+
+def quantized64(x: torch.Tensor, signed: bool, block: int = 256) -> torch.Tensor:
+    """Float64 model of adams_dist/quant8.py: what ``x`` reads back as after 8-bit blockwise storage,
+    ``table[code] * scale`` (signed) or its square (unsigned: v is coded in the sqrt domain)."""
+    codes, scales = codes64(x, signed, block)
+    table = dynamic_table64(signed)
+    out = table[codes + (127 if signed else 0)] * scales.repeat_interleave(block)[: codes.numel()]
+    return (out if signed else out.square()).view(x.shape)
 
 
 class _P:
