@@ -207,7 +207,7 @@ def power_split(w_rows: torch.Tensor, u: torch.Tensor, row_start: int, shape: Sp
 def _column_heads(w_rows: torch.Tensor, shape: SpectralShape) -> torch.Tensor:
     """Local rows of a column-heads weight as ``(local heads, local rows, rows of a head)``: ``A_h^T``'s
     rows (a rank may hold some of the heads, when the ranks split the columns by whole heads)."""
-    return w_rows.view(w_rows.shape[0], -1, shape.rows).transpose(0, 1)
+    return w_rows.view(w_rows.shape[0], w_rows.shape[1] // shape.rows, shape.rows).transpose(0, 1)
 
 
 def partial_columns(w_rows: torch.Tensor, u: torch.Tensor, first_head: int, shape: SpectralShape) -> torch.Tensor:
