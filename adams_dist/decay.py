@@ -56,7 +56,7 @@ def wtu_partial(slot: Slot, state: dict[str, Any]) -> torch.Tensor:
     (zeros, not ``t * 0``, which an inf would turn into NaN)."""
     shape = slot.spectral
     assert shape is not None
-    rows = state["master_param"].view(-1, slot.row_len)
+    rows = state["master_param"].view(slot.local_rows, slot.row_len)  # explicit: a block may have no columns
     if shape.columns:
         out = spectral.partial_columns(rows.float(), state["u"].float(), slot.col_start // shape.rows, shape)
     else:
@@ -81,7 +81,7 @@ def split_products(slots: list[Slot], master_of: Callable[[Slot], torch.Tensor],
         part = torch.zeros(shape.u_numel, dtype=torch.float32, device=x.device)
         if slot.counts:
             v, _ = spectral.normalize_heads(x)
-            spectral.products(master_of(slot).view(-1, slot.row_len).float(), slot.row_start, shape,
+            spectral.products(master_of(slot).view(slot.local_rows, slot.row_len).float(), slot.row_start, shape,
                               v[:, slot.col_start: slot.col_start + slot.row_len],
                               part[slot.row_start: slot.row_start + slot.local_rows])
         parts.append(part)
@@ -106,7 +106,7 @@ def plan(slot: Slot, state: dict[str, Any], group: dict[str, Any], lr: float, sp
     wd = float(group["weight_decay"])
     if wd == 0.0 or wtu is None:  # spectral decay off for the group: no power iteration either
         return NO_DECAY
-    shape, rows = slot.spectral, state["master_param"].view(-1, slot.row_len)
+    shape, rows = slot.spectral, state["master_param"].view(slot.local_rows, slot.row_len)
     # the rank (and its replicas) that reports ||W v||^2 where every rank computes it whole
     first = slot.row_start == 0 and slot.col_start == 0 and slot.local_numel > 0
     if shape.columns:

@@ -110,7 +110,7 @@ def head_segments(row_start: int, n_rows: int, rows_per_head: int) -> list[tuple
 def _runs(w_rows: torch.Tensor, u_rows: torch.Tensor, row_start: int, shape: SpectralShape):
     for lo, hi, h0, h1 in head_segments(row_start, w_rows.shape[0], shape.rows):
         n = h1 - h0
-        yield w_rows[lo:hi].view(n, -1, w_rows.shape[1]), u_rows[lo:hi].view(n, -1), h0, h1
+        yield w_rows[lo:hi].view(n, (hi - lo) // n, w_rows.shape[1]), u_rows[lo:hi].view(n, -1), h0, h1
 
 
 def partial_wtu(w_rows: torch.Tensor, u_rows: torch.Tensor, row_start: int, shape: SpectralShape,
@@ -143,7 +143,7 @@ def power_rows(w_rows: torch.Tensor, u_rows: torch.Tensor, row_start: int, shape
     v = v.to(w_rows.dtype)
     out = []
     for lo, hi, h0, h1 in head_segments(row_start, w_rows.shape[0], shape.rows):
-        w = w_rows[lo:hi].view(h1 - h0, -1, w_rows.shape[1])
+        w = w_rows[lo:hi].view(h1 - h0, (hi - lo) // (h1 - h0), w_rows.shape[1])
         vt = v[h0:h1].unsqueeze(1)  # (n, 1, cols)
         wv = torch.bmm(w, vt.transpose(1, 2))  # (n, rows, 1)
         sigma_sq[h0:h1] += wv.square().sum(dim=(1, 2)).to(sigma_sq.dtype)
@@ -185,7 +185,7 @@ def products(w_rows: torch.Tensor, row_start: int, shape: SpectralShape, v: torc
     its part of ``W v`` where the ranks split the columns too."""
     v = v.to(w_rows.dtype)
     for lo, hi, h0, h1 in head_segments(row_start, w_rows.shape[0], shape.rows):
-        w = w_rows[lo:hi].view(h1 - h0, -1, w_rows.shape[1])
+        w = w_rows[lo:hi].view(h1 - h0, (hi - lo) // (h1 - h0), w_rows.shape[1])
         out[lo:hi].copy_(torch.bmm(w, v[h0:h1].unsqueeze(-1)).reshape(-1))
 
 
@@ -198,7 +198,7 @@ def power_split(w_rows: torch.Tensor, u: torch.Tensor, row_start: int, shape: Sp
     sigma_sq.copy_(wv.view(shape.heads, -1).square().sum(dim=1) if counts_sigma else torch.zeros_like(sigma_sq))
     v = v.to(w_rows.dtype)
     runs = [(lo, hi, wv[row_start + lo: row_start + hi].view(h1 - h0, -1, 1), v[h0:h1].unsqueeze(1))
-            for lo, hi, h0, h1 in head_segments(row_start, w_rows.shape[0], shape.rows)]
+            for lo, hi, h0, h1 in head_segments(row_start, w_rows.shape[0], shape.rows)] if w_rows.shape[1] else []
     u.copy_(wv)
     _restart_dead(u, 0, shape, dead)
     return runs

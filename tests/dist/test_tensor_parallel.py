@@ -367,3 +367,57 @@ def test_layouts_the_power_step_cannot_serve_are_refused() -> None:
     for torn, partial in run(refusal_worker, 2, timeout=120):
         assert "(5, 12) with placements (Shard(dim=1),)" in torn and "column heads split by whole heads" in torn
         assert "Partial" in partial and "only Shard and Replicate placements" in partial
+
+
+# ------------------------------------------------------------------------------------ hand-placed DTensors
+
+# (shape, placement on a 1-D mesh of 4): 3 columns over 4 ranks leave one rank an empty block
+PLACED = [((6, 3), "col"), ((9, 6), "col"), ((5, 6), "row"), ((7,), "rep")]
+
+
+def placed_params(dtype: torch.dtype) -> list[nn.Parameter]:
+    g = torch.Generator().manual_seed(5)
+    return [nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s, _ in PLACED]
+
+
+def placed_grad(step: int, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(100 * step + sum(shape)))
+
+
+def placed_train(params: list[nn.Parameter], make_grad: Callable, name: str, **engine) -> None:
+    opt = adams_dist.create_optimizer(name, params, lr=1e-2, weight_decay=0.5, **engine)
+    for step in range(4):
+        for p in params:
+            p.grad = make_grad(step, p)
+        opt.step()
+
+
+def placed_worker(rank: int, world: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    where = {"col": [Shard(1)], "row": [Shard(0)], "rep": [Replicate()]}
+    out = {}
+    for name, dtype, engine in (("adams", torch.float32, {}), ("adamw", torch.bfloat16, {"master_dtype": None})):
+        params = [nn.Parameter(distribute_tensor(p.detach(), mesh, where[k]))
+                  for p, (_, k) in zip(placed_params(dtype), PLACED)]
+        placed_train(params, lambda step, p: distribute_tensor(placed_grad(step, tuple(p.shape)).to(p.dtype),
+                                                               mesh, p.placements), name, **engine)
+        out[name] = [p.full_tensor().detach().clone() for p in params]
+    return out
+
+
+def test_hand_placed_blocks_match_one_process() -> None:
+    """W=4, Shard(1) blocks with an empty one, Shard(0), Replicate: Adams against one process; bf16 AdamW
+    without a master, its stochastic rounding indexed by global element, bit for bit."""
+    results = run(placed_worker, 4, timeout=120)
+    for name, dtype, engine in (("adams", torch.float32, {}), ("adamw", torch.bfloat16, {"master_dtype": None})):
+        params = placed_params(dtype)
+        placed_train(params, lambda step, p: placed_grad(step, tuple(p.shape)).to(p.dtype), name, **engine)
+        for res in results:
+            for got, exp in zip(res[name], params):
+                if dtype == torch.bfloat16:
+                    assert torch.equal(got, exp.detach())
+                else:
+                    torch.testing.assert_close(got, exp.detach(), **TOL)
