@@ -1,4 +1,5 @@
-"""torchtitan: the adams_dist optimizer container over FSDP2 parameters, checkpointed through DCP.
+"""torchtitan: the adams_dist optimizer container over FSDP2 (and tensor-parallel) parameters, checkpointed
+through DCP.
 
 A run saved after 3 of 6 steps with ``dcp.save`` (as torchtitan's CheckpointManager saves its Stateful
 objects), then loaded into a freshly built model and container, ends where the uninterrupted run ends.
@@ -47,21 +48,27 @@ class TrainerLike:  # the optimizer field of torchtitan's Trainer.Config (whose 
     optimizer: OptimizersContainer.Config = field(default_factory=OptimizersContainer.Config)
 
 
-def build(world: int, seed: int, name: str = "Adams"):
+def build(world: int, seed: int, name: str = "Adams", layout: str = "fsdp"):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
     from torchtitan.components.optimizer import LRSchedulersContainer
 
     torch.manual_seed(seed)
     model = Tiny()
-    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    mesh = init_device_mesh("cpu", (world,))
+    if layout == "tp":  # inp.weight Shard(0), out.weight Shard(1), out.bias Replicate()
+        parallelize_module(model, mesh, {"inp": ColwiseParallel(), "out": RowwiseParallel()})
+    else:
+        fully_shard(model, mesh=mesh)
     optimizers = build_adams_optimizers([model], name, **HP)
     schedulers = LRSchedulersContainer.Config(warmup_steps=2).build(optimizers=optimizers, training_steps=STEPS)
     return model, optimizers, schedulers
 
 
 def train(model, optimizers, schedulers, rank: int, steps: range) -> list[float]:
-    g = torch.Generator().manual_seed(rank)  # one batch per rank, so the loss falls step by step
+    # one batch per data-parallel rank (tensor-parallel ranks share one), so the loss falls step by step
+    g = torch.Generator().manual_seed(rank)
     x, y = torch.randn(5, 8, generator=g), torch.randn(5, 4, generator=g)
     losses = []
     for _ in steps:
@@ -78,7 +85,7 @@ def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.full_tensor().clone() for n, p in model.named_parameters()}
 
 
-def _resume(rank: int, world: int, ckpt: str) -> dict:
+def _resume(rank: int, world: int, ckpt: str, layout: str) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -88,8 +95,9 @@ def _resume(rank: int, world: int, ckpt: str) -> dict:
     from torchtitan.components.checkpoint import ModelWrapper
 
     out: dict = {}
+    rank = rank if layout == "fsdp" else 0  # the batch this rank trains on
     # Uninterrupted.
-    model, optimizers, schedulers = build(world, seed=0)
+    model, optimizers, schedulers = build(world, seed=0, layout=layout)
     hooked: list[int] = []
     optimizers.register_step_pre_hook(lambda *args, **kwargs: hooked.append(1))  # as the MoE balancing hook
     out["straight"] = train(model, optimizers, schedulers, rank, range(STEPS))
@@ -101,7 +109,7 @@ def _resume(rank: int, world: int, ckpt: str) -> dict:
     # torch's own helper over the same optimizer keys the state by the same names.
     sd = get_optimizer_state_dict(model, optimizers.optimizers[0], options=StateDictOptions(**{FLAT: True}))
     out["torch_keys"] = sorted(sd)
-    twin_model, twin, _ = build(world, seed=1)
+    twin_model, twin, _ = build(world, seed=1, layout=layout)
     try:
         set_optimizer_state_dict(twin_model, twin.optimizers[0], sd, options=StateDictOptions(**{FLAT: True}))
         out["torch_load_error"] = None
@@ -109,19 +117,19 @@ def _resume(rank: int, world: int, ckpt: str) -> dict:
         out["torch_load_error"] = str(e)
     out["torch_roundtrip"] = full_params(twin_model)
     # AdamW keeps no spectral state: its state dict goes through torch's helpers both ways.
-    model, optimizers, schedulers = build(world, seed=0, name="AdamW")
+    model, optimizers, schedulers = build(world, seed=0, name="AdamW", layout=layout)
     train(model, optimizers, schedulers, rank, range(2))
     sd = get_optimizer_state_dict(model, optimizers.optimizers[0], options=StateDictOptions(**{FLAT: True}))
-    twin_model, twin, _ = build(world, seed=1, name="AdamW")
+    twin_model, twin, _ = build(world, seed=1, name="AdamW", layout=layout)
     set_optimizer_state_dict(twin_model, twin.optimizers[0], sd, options=StateDictOptions(**{FLAT: True}))
     out["adamw_params"], out["adamw_roundtrip"] = full_params(model), full_params(twin_model)
 
     # Saved after SAVE_AT steps, then loaded into a model and container built from another seed.
-    model, optimizers, schedulers = build(world, seed=0)
+    model, optimizers, schedulers = build(world, seed=0, layout=layout)
     first = train(model, optimizers, schedulers, rank, range(SAVE_AT))
     states = {"model": ModelWrapper(model), "optimizer": optimizers, "lr_scheduler": schedulers}
     dcp.save(states, checkpoint_id=ckpt)
-    model, optimizers, schedulers = build(world, seed=1)
+    model, optimizers, schedulers = build(world, seed=1, layout=layout)
     states = {"model": ModelWrapper(model), "optimizer": optimizers, "lr_scheduler": schedulers}
     dcp.load(states, checkpoint_id=ckpt)
     out["resumed"] = first + train(model, optimizers, schedulers, rank, range(SAVE_AT, STEPS))
@@ -129,10 +137,10 @@ def _resume(rank: int, world: int, ckpt: str) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def resumed() -> list[dict]:
+@pytest.fixture(scope="module", params=["fsdp", "tp"])
+def resumed(request: pytest.FixtureRequest) -> list[dict]:
     with tempfile.TemporaryDirectory() as ckpt:
-        return run(_resume, 2, ckpt, timeout=120)
+        return run(_resume, 2, ckpt, request.param, timeout=120)
 
 
 def test_container_holds_adams_dist_optimizers(resumed: list[dict]) -> None:
