@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from . import ablations, quant8, rounding, validation
+from .decay import NO_DECAY, Decay
 from .layout import Slot
 
 QUANT_BATCH = 1 << 22  # moment_dtype="8bit": elements whose moments are dequantized at once
@@ -82,12 +83,14 @@ class Storage:
                                            rounding.key(self.rounding_seed, slot.index, int(t)), slot.global_index)
 
     def apply_8bit(self, apply: Callable[..., None], names: Sequence[str], states: list[dict[str, Any]],
-                   *per_param: list[Any]) -> None:
-        """``apply(states, *per_param)`` on moments dequantized a few parameters at a time (the rule is
-        element-wise, so any split of the group gives the same update), quantized back after: the step
-        computes in the master's precision, and the extra memory is the float moments of about
-        QUANT_BATCH elements. ``per_param`` are lists aligned with ``states``, masters first."""
-        masters = per_param[0]
+                   masters: list[torch.Tensor], grads: list[torch.Tensor], steps: list[float],
+                   decays: list[Decay]) -> None:
+        """``apply(states, masters, grads, steps, decays)`` on moments dequantized a few parameters at a time
+        (the rule is element-wise, so any split of the group gives the same update), quantized back after:
+        the step computes in the master's precision, and the extra memory is the float moments of at most
+        QUANT_BATCH elements, a parameter larger than that being cut into pieces of whole blocks."""
+        states, masters, grads, steps, decays = _pieces(names, states, masters, grads, steps, decays)
+        per_param = (masters, grads, steps, decays)
         start = 0
         while start < len(states):
             end, numel = start, 0
@@ -102,3 +105,26 @@ class Storage:
                     quant8.store_(w[n], states[i], n)
             del wide, w  # before the next batch's copies exist
             start = end
+
+
+def _pieces(names: Sequence[str], states: list[dict[str, Any]], masters: list[torch.Tensor],
+            grads: list[torch.Tensor], steps: list[float], decays: list[Decay]) -> tuple[list[Any], ...]:
+    """The parameters, those over QUANT_BATCH elements cut into pieces of whole 8-bit blocks: views of their
+    master, gradient, codes and scales. Their decay is applied whole first (a spectral one spans rows)."""
+    out: tuple[list[Any], ...] = ([], [], [], [], [])
+    for st, master, grad, step, dec in zip(states, masters, grads, steps, decays):
+        n = master.numel()
+        if n <= QUANT_BATCH:
+            for xs, x in zip(out, (st, master, grad, step, dec)):
+                xs.append(x)
+            continue
+        dec.apply_(master)
+        for lo in range(0, n, QUANT_BATCH):  # QUANT_BATCH is a multiple of the block size
+            hi = min(n, lo + QUANT_BATCH)
+            piece = dict(st, **{k: st[k][lo:hi] for k in names},
+                         **{quant8.scale_name(k): st[quant8.scale_name(k)][lo // quant8.BLOCK: -(-hi // quant8.BLOCK)]
+                            for k in names})
+            for xs, x in zip(out, (piece, master[lo:hi], grad[lo:hi], step, NO_DECAY)):
+                xs.append(x)
+    return out
+

@@ -223,3 +223,31 @@ def test_eps_rules_step_as_with_float_moments_where_linear_codes_stored_v_as_0(r
     ratio = q8[1:] / fp[1:]
     assert 0.4 < float(ratio.min()) and float(ratio.max()) < 1.6, (float(ratio.min()), float(ratio.max()))
     assert abs(float(ratio.median()) - 1) < 0.1
+
+
+@pytest.mark.parametrize("rule", ["adams", "adamw"])
+def test_parameters_over_the_batch_are_updated_in_pieces_with_the_same_bits(
+        monkeypatch: pytest.MonkeyPatch, rule: str) -> None:
+    """A parameter larger than QUANT_BATCH is dequantized a piece of whole blocks at a time (bounded memory):
+    the same bits as at once, spectral decay (applied to the whole matrix first) included."""
+    from adams_dist import storage
+
+    def run(batch: int) -> list[torch.Tensor]:
+        monkeypatch.setattr(storage, "QUANT_BATCH", batch)
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in ((40, 33), (300,), (7, 5))]
+        opt = adams_dist.create_optimizer(rule, params, lr=1e-2, weight_decay=0.5, moment_dtype="8bit")
+        loaded: list[int] = []  # elements dequantized at once
+        monkeypatch.setattr(quant8, "load", lambda st, name, dtype, f=quant8.load: loaded.append(st[name].numel())
+                            or f(st, name, dtype))
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        assert 0 < max(loaded) <= batch
+        state = [opt.state[p][k] for p in params for k in ("exp_avg", "exp_avg_sq", "exp_avg_scale")]
+        return [p.detach().clone() for p in params] + state
+
+    whole, cut = run(1 << 22), run(2 * quant8.BLOCK)  # (40, 33): 1320 elements in pieces of 512, 512, 296
+    for a, b in zip(whole, cut, strict=True):
+        assert torch.equal(a, b)
