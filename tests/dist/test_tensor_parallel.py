@@ -79,14 +79,15 @@ HEADS, HEAD_DIM, DIM = 4, 3, 7
 
 
 class Block(nn.Module):
-    """A pre-norm transformer block. q, k, v are ColwiseParallel, so each rank holds HEADS / W whole heads
-    and attends over them alone; ``o`` and ``down`` are RowwiseParallel, the LayerNorms replicated."""
+    """A pre-norm transformer block. The fused ``qkv`` (rows ordered head, then q/k/v, as Megatron lays it
+    out) is ColwiseParallel, so each rank holds the q, k and v of HEADS / W whole heads and attends over them
+    alone; ``o`` and ``down`` are RowwiseParallel, the LayerNorms replicated."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
         # no q/k/v biases: a key bias gets no gradient (softmax ignores it) and would never move
-        self.q, self.k, self.v = (nn.Linear(DIM, HEADS * HEAD_DIM, bias=False) for _ in range(3))
+        self.qkv = nn.Linear(DIM, HEADS * 3 * HEAD_DIM, bias=False)
         self.o = nn.Linear(HEADS * HEAD_DIM, DIM)
         # 10, not 9: RowwiseParallel rebuilds its input DTensor as even shards (9 fails in sharding propagation)
         self.up, self.down = nn.Linear(DIM, 10), nn.Linear(10, DIM)
@@ -95,26 +96,22 @@ class Block(nn.Module):
         b, t, _ = x.shape
         h = self.ln1(x)
 
-        def heads(proj: nn.Linear) -> torch.Tensor:  # the local heads: the last dim is HEAD_DIM * local heads
-            y = proj(h)
-            return y.view(b, t, y.shape[-1] // HEAD_DIM, HEAD_DIM).transpose(1, 2)
-
-        a = F.scaled_dot_product_attention(heads(self.q), heads(self.k), heads(self.v), is_causal=True)
+        y = self.qkv(h)  # the local heads: the last dim is 3 * HEAD_DIM * local heads
+        q, k, v = y.view(b, t, y.shape[-1] // (3 * HEAD_DIM), 3, HEAD_DIM).transpose(1, 2).unbind(3)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.o(a.transpose(1, 2).reshape(b, t, -1))
         return x + self.down(F.gelu(self.up(self.ln2(x))))
 
     def tp_plan(self) -> dict:
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-        return {"q": ColwiseParallel(), "k": ColwiseParallel(), "v": ColwiseParallel(), "o": RowwiseParallel(),
-                "up": ColwiseParallel(), "down": RowwiseParallel()}
+        return {"qkv": ColwiseParallel(), "o": RowwiseParallel(), "up": ColwiseParallel(), "down": RowwiseParallel()}
 
     def replicated(self) -> list[nn.Module]:
         return [self.ln1, self.ln2]
 
     def mark(self) -> None:
-        for proj in (self.q, self.k, self.v):
-            adams_dist.set_heads(proj.weight, HEADS)
+        adams_dist.set_heads(self.qkv.weight, 3 * HEADS)  # q, k and v of every head: 3 * HEADS matrices
         adams_dist.set_heads(self.o.weight, HEADS, dim=1)
 
     @staticmethod
@@ -265,16 +262,16 @@ def test_fsdp_tp_matches_single_process(name: str) -> None:
 
 @pytest.mark.parametrize("name", list(HP))
 def test_tp_attention_heads_match_single_process(name: str) -> None:
-    """W=2: a transformer block whose q, k, v hold 2 of the 4 heads on each rank (Shard(0), whole heads),
+    """W=2: a transformer block whose column-sharded fused qkv holds 2 of the 4 heads on each rank (Shard(0)),
     the output projection Shard(1) with its heads as column blocks (2 whole heads a rank), a colwise/rowwise
     MLP, replicated LayerNorms; the same batch everywhere."""
     model, opt = reference("block", name, 1)
     results = dist_results("block", "tp", 2)
-    assert {results[0]["layouts"][f"{p}.weight"][0] for p in "qkv"} == {"(Shard(dim=0),)"}
+    assert results[0]["layouts"]["qkv.weight"][0] == "(Shard(dim=0),)"
     assert results[0]["layouts"]["o.weight"][0] == "(Shard(dim=1),)"
     assert_matches(results, name, model, opt)
     if name == "adams":
-        assert [s.numel() for s in opt.spectral_sigmas().values()] == [HEADS] * 4 + [1, 1]  # q k v o, up down
+        assert [s.numel() for s in opt.spectral_sigmas().values()] == [3 * HEADS, HEADS, 1, 1]  # qkv o up down
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint
