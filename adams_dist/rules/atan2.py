@@ -14,13 +14,7 @@ with pi/2 - atan(z) when |y| > x, and copy the sign of y.
 
 from __future__ import annotations
 
-import math
-
 import torch
-
-# Q(s) coefficients, constant term first (fitted by iteratively reweighted least squares).
-_Q = (-0.33333152734402277, 0.19993772776955562, -0.14211054717300645, 0.10666001949470279,
-      -0.07552207909094881, 0.043211779325298155, -0.016367874698921266, 0.002920678228443761)
 
 
 def atan2_nonneg(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -31,12 +25,29 @@ def atan2_nonneg(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     hi, lo = torch.maximum(ay, x), torch.minimum(ay, x)
     z = torch.where(hi == 0, 0.0, lo / hi)  # atan2(0, 0) = 0; NaN stays NaN (NaN == 0 is false)
     s = z * z
-    q = s * _Q[-1] + _Q[-2]
-    for c in reversed(_Q[:-2]):
-        q = q * s + c
+    # Q(s) by Horner, coefficients fitted by iteratively reweighted least squares. They are literals, not a
+    # module-level tuple: torch.compile turns a float read from a global into a kernel input, which the
+    # generated loop reloads and converts on every iteration (its vector stores may alias any pointer).
+    q = s * 0.002920678228443761 - 0.016367874698921266
+    q = q * s + 0.043211779325298155
+    q = q * s - 0.07552207909094881
+    q = q * s + 0.10666001949470279
+    q = q * s - 0.14211054717300645
+    q = q * s + 0.19993772776955562
+    q = q * s - 0.33333152734402277
     r = z + z * s * q
-    r = torch.where(ay > x, math.pi / 2 - r, r)
-    return torch.copysign(r, y)
+    r = torch.where(ay > x, 1.5707963267948966 - r, r)  # pi/2 - atan(z)
+    return _copysign_nonneg(r, y)
+
+
+def _copysign_nonneg(r: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``torch.copysign(r, y)`` for ``r >= 0``: y's sign bit OR-ed into r. Inductor compiles copysign to a
+    library call per vector on CPU, which spills every register of the loop around it."""
+    bits = {4: torch.int32, 2: torch.int16}.get(r.element_size())
+    if bits is None or y.dtype != r.dtype:
+        return torch.copysign(r, y)
+    sign_bit = -(1 << (8 * r.element_size() - 1))
+    return (r.view(bits) | (y.view(bits) & sign_bit)).view(r.dtype)
 
 
 def atan2(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
