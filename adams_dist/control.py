@@ -30,6 +30,7 @@ class Control:
     ``has_grad``: per slot, how many ranks had a gradient; ``wtu``: per spectral slot index, the
     ``(heads, cols)`` partial ``W^T u`` of this rank's rows; ``edited``: how many ranks edited a gradient
     after its reduction read it; ``found_inf``: how many ranks' GradScaler found inf/NaN gradients;
+    ``builds``: how many ranks have kernel builds pending (``kernel="background"``);
     ``agreement``: the one-hot codes of ``AGREEMENT``."""
 
     def __init__(self, has_grad: torch.Tensor, wtu: dict[int, torch.Tensor], agree: dict[str, int]):
@@ -38,6 +39,7 @@ class Control:
         self.wtu = wtu
         self.edited = has_grad.new_zeros(1)
         self.found_inf = has_grad.new_zeros(1)
+        self.builds = has_grad.new_zeros(1)
         self.agreement = has_grad.new_zeros(sum(AGREEMENT.values()))
         offset = 0
         for name, slots in AGREEMENT.items():
@@ -45,13 +47,14 @@ class Control:
             offset += slots
         self._vector: torch.Tensor | None = None
         self._work: Any = None
-        self.any_edited = self.any_found_inf = False  # the decisions wait() reads to the host
+        self.any_edited = self.any_found_inf = self.any_builds = False  # the decisions wait() reads to the host
         self.grad_norm_sq_host = 0.0  # grad_norm_sq as read with them
         self.active: list[bool] = []
         self.differ: list[str] = []
 
     def _fields(self) -> list[torch.Tensor]:
-        return [self.grad_norm_sq, self.has_grad, self.edited, self.found_inf, self.agreement, *self.wtu.values()]
+        return [self.grad_norm_sq, self.has_grad, self.edited, self.found_inf, self.builds, self.agreement,
+                *self.wtu.values()]
 
     def start(self, all_reduce: Callable[[torch.Tensor], Any]) -> None:
         """Pack the fields and start ``all_reduce`` on them (it returns a handle with ``wait()``)."""
@@ -67,14 +70,16 @@ class Control:
         self._work.wait()
         fields = self._fields()
         parts = torch.split(self._vector, [f.numel() for f in fields])
-        self.grad_norm_sq, self.has_grad, self.edited, self.found_inf, self.agreement, *wtu = [
+        self.grad_norm_sq, self.has_grad, self.edited, self.found_inf, self.builds, self.agreement, *wtu = [
             p.view(f.shape) for p, f in zip(parts, fields)]
         self.wtu = dict(zip(self.wtu, wtu))
         codes_set = torch.stack([(c > 0).sum() for c in self.agreement.split(list(AGREEMENT.values()))])
-        host = torch.cat([self.grad_norm_sq, self.edited, self.found_inf, codes_set.float(), self.has_grad]).tolist()
-        self.grad_norm_sq_host, self.any_edited, self.any_found_inf = host[0], host[1] > 0, host[2] > 0
-        self.differ = [name for name, n in zip(AGREEMENT, host[3:3 + len(AGREEMENT)]) if n > 1]
-        self.active = [n > 0 for n in host[3 + len(AGREEMENT):]]
+        host = torch.cat([self.grad_norm_sq, self.edited, self.found_inf, self.builds, codes_set.float(),
+                          self.has_grad]).tolist()
+        self.grad_norm_sq_host, self.any_edited, self.any_found_inf, self.any_builds = (
+            host[0], host[1] > 0, host[2] > 0, host[3] > 0)
+        self.differ = [name for name, n in zip(AGREEMENT, host[4:4 + len(AGREEMENT)]) if n > 1]
+        self.active = [n > 0 for n in host[4 + len(AGREEMENT):]]
 
     def check_agreement(self, step: int, gather_readable: Callable[[], list[dict[str, Any]]]) -> None:
         """Raise on every rank when the ranks did different things since the previous step (after ``wait()``).

@@ -23,6 +23,7 @@ from .comm import DEFAULT_TIMEOUT
 from .control import Control, agreement_values
 from .layout import Slot
 from .rules import Rule
+from .rules.background import BackgroundBuilds
 from .shards import Grads, Shards, make_shards
 from .storage import Storage
 
@@ -63,6 +64,7 @@ class ShardedOptimizer(Optimizer):
                                                  collective_timeout)
         self.collective_timeout = float(collective_timeout)
         self.kernel = kernel
+        self._builds: BackgroundBuilds | None = None  # kernel="background": created at the first step
         self.storage = Storage.of(master_dtype, moment_dtype, master_remainder, rounding_seed, self.rule)
         self.bucket_mb = float(bucket_mb)
         self.overlap = bool(overlap)
@@ -247,6 +249,8 @@ class ShardedOptimizer(Optimizer):
         # Gradients in, and the control all-reduce (norm, has-grad flags, W^T u partials, agreement).
         control = self._control_partials()
         grads = self._gradients_in(control)
+        if self._builds is not None:  # compiled kernels only once every rank has built them
+            self._builds.allowed = not control.any_builds
         if control.any_found_inf:  # a GradScaler found inf/NaN on some rank: every rank skips
             return self._skip(loss)
         if self.max_grad_norm is not None or self.skip_nonfinite:
@@ -285,7 +289,11 @@ class ShardedOptimizer(Optimizer):
         wtu = {s.index: decay.wtu_partial(s, self.storage.wide_master(self.state[s.param]))
                for s in self._slots
                if s.spectral is not None and float(self.param_groups[s.group_index]["weight_decay"]) != 0}
-        return Control(flags, wtu, self._agreement_values())
+        control = Control(flags, wtu, self._agreement_values())
+        if self.kernel_path == "background":
+            self._builds = self._builds or BackgroundBuilds()
+            control.builds.fill_(float(self._builds.pending))
+        return control
 
     def _agreement_values(self, readable: bool = False) -> dict[str, Any]:
         return agreement_values(self._shards.backward_passes, self._shards.zero_grads, self.param_groups, readable)
@@ -357,7 +365,8 @@ class ShardedOptimizer(Optimizer):
     def _apply_rule(self, group: dict[str, Any], lr: float, states: list[dict[str, Any]], masters: list[torch.Tensor],
                     grads: list[torch.Tensor], steps: list[float], decays: list[decay.Decay]) -> None:
         rule_state = {name: [st[name] for st in states] for name in self.rule.state_names}
-        compiled = self.kernel_path == "compiled"
+        path = self.kernel_path
+        compiled = self._builds if path == "background" else path == "compiled"
         ok = self.rule.apply(masters, grads, rule_state, steps, group, lr, self._reduce_min, decays,
                              compiled=compiled, strict=self.kernel == "compiled")
         if compiled and not ok:  # a broken toolchain must not stop training when the user did not ask for it

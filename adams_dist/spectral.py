@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .tracing import tracing
+
 _HEADS_ATTR = "_adams_dist_heads"
 _HEADS_DIM_ATTR = "_adams_dist_heads_dim"
 
@@ -160,7 +162,7 @@ def rank1_(w: torch.Tensor, wv: torch.Tensor, vt: torch.Tensor, coef: float) -> 
     Eager, one batched GEMM. While torch.compile traces an update kernel, a broadcast outer product
     instead, which inductor fuses into the update's single pass over memory.
     """
-    if torch.compiler.is_compiling():
+    if tracing():
         w.sub_(wv * vt * coef)
     else:
         w.baddbmm_(wv, vt, alpha=-coef)

@@ -2,8 +2,10 @@
 
     python benchmarks/step_bench.py [--sizes 2e6 2e7] [--repeats 15] [--threads N] [--quick] [--profile]
 
-Gradients are set once; each sample times ``inner`` consecutive steps. All competitors (and a copy_
-bandwidth probe over the same working set, 4 fp32 buffers of n) are sampled round-robin in one run.
+Gradients are set once; each sample times ``inner`` consecutive steps. "first step s" is each optimizer's
+first ``step()``, compile included; run with a fresh ``TORCHINDUCTOR_CACHE_DIR`` for a cold compile.
+All competitors (and a copy_ bandwidth probe over the same working set, 4 fp32 buffers of n) are sampled
+round-robin in one run.
 Bytes model: an ideal single-pass Adam-family step reads p, g, m, v and writes p, m, v: 28 B/param
 in fp32, for every optimizer here (spectral decay's extra matrix reads are not counted).
 """
@@ -11,6 +13,7 @@ in fp32, for every optimizer here (spectral decay's extra matrix reads are not c
 from __future__ import annotations
 
 import argparse
+import time
 import warnings
 
 import adam_atan2_pytorch
@@ -70,10 +73,13 @@ def copy_probe(n: int):
 
 
 def bench(n_target: int, repeats: int, names: list[str]) -> list[dict]:
-    opts, n = {}, 0
+    opts, first, n = {}, {}, 0
     for name in dict.fromkeys([*names, *BASELINES]):
         make = COMPETITORS[name]
         opts[name], n = build(make, n_target)
+        start = time.perf_counter()  # the first step, compile included (kernels another optimizer built are reused)
+        opts[name].step()
+        first[name] = time.perf_counter() - start
     probe, probe_bytes = copy_probe(n)
     fns = {name: opt.step for name, opt in opts.items()} | {"copy_ probe": probe}
     inner = max(1, round(6e6 / n))
@@ -84,7 +90,8 @@ def bench(n_target: int, repeats: int, names: list[str]) -> list[dict]:
     for name, t in times.items():
         gbs = BYTES_PER_PARAM * n / t / 1e9
         rows.append(dict(size=n, optimizer=name, ms=t * 1e3, ns_per_param=t / n * 1e9, gbs=gbs,
-                         frac_copy=gbs / copy_gbs, vs_fused=t / base, vs_reference=t / ref, copy_gbs=copy_gbs))
+                         frac_copy=gbs / copy_gbs, vs_fused=t / base, vs_reference=t / ref, copy_gbs=copy_gbs,
+                         first_step_s=first[name]))
     return rows
 
 
@@ -133,9 +140,11 @@ def main() -> None:
     print(f"bytes model: {BYTES_PER_PARAM} B/param; copy_ probe GB/s: "
           + ", ".join(f"{r['size'] / 1e6:.1f}M: {r['copy_gbs']:.1f}" for r in rows if "Adams_ZeRO" in r["optimizer"]
                       and r["optimizer"].startswith("adams_dist")))
-    print(table(["params", "optimizer", "ms/step", "ns/param", "GB/s", "of copy", "vs torch fused", "vs adams-torch"],
+    print(table(["params", "optimizer", "ms/step", "ns/param", "GB/s", "of copy", "vs torch fused", "vs adams-torch",
+                 "first step s"],
                 [[f"{r['size'] / 1e6:.1f}M", r["optimizer"], r["ms"], r["ns_per_param"], r["gbs"],
-                  f"{r['frac_copy']:.0%}", f"{r['vs_fused']:.2f}x", f"{r['vs_reference']:.2f}x"] for r in rows]))
+                  f"{r['frac_copy']:.0%}", f"{r['vs_fused']:.2f}x", f"{r['vs_reference']:.2f}x",
+                  f"{r['first_step_s']:.2f}"] for r in rows]))
     plot(rows, save("step_bench", {"args": vars(args), "rows": rows}).with_suffix(".png"))
     if args.profile:
         print(profile_adams(int(max(args.sizes))))

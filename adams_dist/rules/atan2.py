@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from ..tracing import tracing
+
 
 def atan2_nonneg(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``torch.atan2(y, x)`` for ``x >= 0`` (a square root, in every caller)."""
@@ -53,6 +55,6 @@ def _copysign_nonneg(r: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def atan2(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """atan2 for rule functions (``x >= 0``): ``torch.atan2`` when eager, the polynomial while torch.compile
     traces (float64 keeps ``torch.atan2`` there too), so one rule function serves both paths."""
-    if torch.compiler.is_compiling():
+    if tracing():
         return atan2_nonneg(y, x)
     return torch.atan2(y, x)

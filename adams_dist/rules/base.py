@@ -19,7 +19,7 @@ from .compiled import compile_supported
 
 Tensors = list[torch.Tensor]
 ReduceMin = Callable[[torch.Tensor], torch.Tensor]
-KERNELS = ("auto", "foreach", "compiled")
+KERNELS = ("auto", "foreach", "compiled", "background")
 
 # Hyperparameters every rule checks when present: (lowest value, whether it is allowed).
 _LOWER_BOUNDS = {"eps": (0.0, True), "a": (0.0, False), "b": (0.0, True), "tau": (0.0, False)}
@@ -90,11 +90,14 @@ class Rule:
     compilable = False
 
     def kernel_path(self, device: torch.device, requested: str = "auto") -> str:
-        """Which path ``requested`` resolves to on ``device``: "compiled" or "foreach"."""
+        """Which path ``requested`` resolves to on ``device``: "compiled", "foreach" or "background" (eager
+        until the compiled kernels, built in a thread, are ready; rules/background.py)."""
         if not self.compilable or requested == "foreach":
             return "foreach"
         if requested == "compiled":
             return "compiled"
+        if requested == "background":
+            return "background" if compile_supported(device) else "foreach"
         # auto: compile where it is cheap and pays off at once (CUDA + Triton); on CPU the first
         # compile takes tens of seconds, so it is opt-in there (kernel="compiled").
         return "compiled" if device.type == "cuda" and compile_supported(device) else "foreach"
@@ -116,7 +119,8 @@ class Rule:
 
     def apply(self, params: Tensors, grads: Tensors, state: dict[str, Tensors], steps: Sequence[float],
               group: dict[str, Any], lr: float, reduce_min: ReduceMin, decays: Sequence[Decay],
-              compiled: bool = False, strict: bool = False) -> bool:
-        """Decay and update every tensor in place. Returns False when ``compiled`` was asked for but a
-        kernel could not be built and the eager path stood in (the engine then stops asking)."""
+              compiled: Any = False, strict: bool = False) -> bool:
+        """Decay and update every tensor in place. ``compiled``: True, or a ``BackgroundBuilds`` whose ready
+        kernels to use. Returns False when compiled kernels were asked for but one could not be built and the
+        eager path stood in (the engine then stops asking)."""
         raise NotImplementedError

@@ -7,6 +7,7 @@ new step or learning rate reuses the kernel instead of compiling another.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import types
 from collections.abc import Callable
@@ -41,6 +42,14 @@ def compile_supported(device: torch.device) -> bool:
     return False
 
 
+def without_bases(args: tuple) -> tuple:
+    """``args`` with each tensor (also inside tuples) detached: the same memory, no longer a view. Dynamo
+    guards on a view's base, so views of differently shaped bases (a flat shard, a 2-D weight) would
+    each compile a kernel of their own."""
+    return tuple(without_bases(a) if isinstance(a, tuple) else a.detach() if isinstance(a, torch.Tensor) else a
+                 for a in args)
+
+
 def compiled_kernel(name: str, rule_fn: Callable, rank1: bool) -> Callable:
     """Decay + one tensor's update as one kernel; ``update`` is what ``rule_fn`` returned for this step.
 
@@ -54,6 +63,7 @@ def compiled_kernel(name: str, rule_fn: Callable, rank1: bool) -> Callable:
     key = (rule_fn, rank1)
     if key not in _compiled_cache:
         import torch._inductor.config as inductor_config
+        import torch.fx.experimental._config as fx_config
 
         options: dict[str, Any] = {k: v for k, v in _ONE_LOOP.items() if hasattr(inductor_config, k)}
         # No on-disk graph cache: where a scalar is both a kernel input and baked in as a constant (a
@@ -73,5 +83,14 @@ def compiled_kernel(name: str, rule_fn: Callable, rank1: bool) -> Callable:
         kind = f"{name}_{'rank1' if rank1 else 'flat'}_kernel"
         code = kernel.__code__.replace(co_name=kind)
         kernel = types.FunctionType(code, kernel.__globals__, kind, kernel.__defaults__, kernel.__closure__)
-        _compiled_cache[key] = torch.compile(kernel, dynamic=True, fullgraph=True, options=options)
+        compiled = torch.compile(kernel, dynamic=True, fullgraph=True, options=options)
+
+        @functools.wraps(compiled)
+        def without_duck_shapes(*args: Any) -> None:
+            # Dynamo would give equal sizes one symbol and guard on the equality: a square matrix and a
+            # rectangular one would each build a kernel. One kernel serves every shape instead.
+            with fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]
+                compiled(*args)
+
+        _compiled_cache[key] = without_duck_shapes
     return _compiled_cache[key]

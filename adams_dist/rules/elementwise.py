@@ -15,6 +15,7 @@ only on the same element of its inputs) and use ``rules.atan2`` rather than ``to
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from collections.abc import Callable, Sequence
@@ -24,8 +25,9 @@ import torch
 
 from .. import spectral
 from ..decay import NO_DECAY, Decay
+from .background import BackgroundBuilds
 from .base import Rule, Tensors, apply_decays, widened
-from .compiled import COMPILED_MIN_NUMEL, compiled_kernel
+from .compiled import COMPILED_MIN_NUMEL, compiled_kernel, without_bases
 
 _STEP_ARGS = ("lr", "step")
 # Elements per eager chunk and CPU thread: 512 KB per tensor, a few MB with the temporaries, so they
@@ -46,9 +48,10 @@ def _chunk_numel(p: torch.Tensor) -> int:
 
 
 def add_in_chunks(p: torch.Tensor, tensors: Sequence[torch.Tensor], delta: Callable[..., torch.Tensor],
-                  keep: float = 1.0) -> None:
-    """``p = keep*p + delta(*tensors)`` over flat tensors, one cache-sized chunk at a time."""
-    size = _chunk_numel(p)
+                  keep: float = 1.0, whole: bool = False) -> None:
+    """``p = keep*p + delta(*tensors)`` over flat tensors, one cache-sized chunk at a time (``whole``: in one
+    piece; the same arithmetic, a tenth of the torch calls)."""
+    size = p.numel() if whole else _chunk_numel(p)
     for part, *chunks in zip(*(t.split(size) for t in (p, *tensors))):
         torch.add(delta(*chunks), part, alpha=keep, out=part)  # delta + keep*p in one pass
 
@@ -95,16 +98,18 @@ class ElementwiseRule(Rule):
                 continue
             if steps[i] not in updates:
                 updates[steps[i]] = self.make_update(group, lr, steps[i], widen_to)
-            kernel_ok = self.update_large(p, tensors[i], decays[i], updates[steps[i]], compiled and kernel_ok, strict)
+            kernel_ok = self.update_large(p, tensors[i], decays[i], updates[steps[i]], compiled if kernel_ok else False,
+                                          strict)
         if small:
             pick = lambda ts: [ts[i] for i in small]  # noqa: E731
             self.update_small(pick(params), pick(tensors), pick(list(steps)), pick(list(decays)), group, lr, widen_to)
         return kernel_ok or not compiled
 
     def update_large(self, p: torch.Tensor, tensors: tuple[torch.Tensor, ...], decay: Decay,
-                     update: Callable[..., torch.Tensor], compiled: bool, strict: bool) -> bool:
+                     update: Callable[..., torch.Tensor], compiled: bool | BackgroundBuilds, strict: bool) -> bool:
         """Decay + update of one big tensor, piece by piece (one piece per run of heads under spectral
-        decay). Returns whether the compiled kernel is still in use."""
+        decay). ``compiled``: the compiled kernels, or those ``BackgroundBuilds`` has ready. Returns whether
+        the compiled kernels are still in use."""
         # (piece of p, the same piece of g and the state, its (W v, v^T) under spectral decay)
         pieces: list[tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, torch.Tensor] | None]]
         pieces = [(p, tensors, None)]
@@ -121,12 +126,16 @@ class ElementwiseRule(Rule):
                 pieces.append((view(p), tuple(view(t) for t in tensors), (wv, vt)))
         for piece, views, rank1 in pieces:
             if compiled:
+                kind = (self.name, self.rule_fn, rank1 is not None)
+                make_kernel = functools.partial(compiled_kernel, *kind)
+                args = without_bases((piece, views, *rank1, decay.coef, update) if rank1
+                                     else (piece, views, decay.keep, update))
                 try:
-                    if rank1 is not None:
-                        compiled_kernel(self.name, self.rule_fn, True)(piece, views, *rank1, decay.coef, update)
-                    else:
-                        compiled_kernel(self.name, self.rule_fn, False)(piece, views, decay.keep, update)
-                    continue
+                    if not isinstance(compiled, BackgroundBuilds):
+                        make_kernel()(*args)
+                        continue
+                    if compiled.run(kind, make_kernel, update, args):
+                        continue
                 except Exception as err:  # build errors surface before the kernel touches any tensor
                     if strict:
                         raise RuntimeError(f"kernel='compiled' was requested but torch.compile failed: {err}") from err
@@ -135,8 +144,10 @@ class ElementwiseRule(Rule):
                     compiled = False
             if rank1 is not None:
                 spectral.rank1_(piece, rank1[0], rank1[1], decay.coef)
-            add_in_chunks(piece.view(-1), [t.view(-1) for t in views], update, 1.0 if rank1 else decay.keep)
-        return compiled
+            # while kernels build in a thread, each torch call may wait for the interpreter lock: make fewer
+            whole = isinstance(compiled, BackgroundBuilds) and compiled.pending
+            add_in_chunks(piece.view(-1), [t.view(-1) for t in views], update, 1.0 if rank1 else decay.keep, whole)
+        return compiled is not False
 
     def update_small(self, params: Tensors, tensors: Sequence[tuple[torch.Tensor, ...]], steps: Sequence[float],
                      decays: Sequence[Decay], group: dict[str, Any], lr: float,
