@@ -149,8 +149,8 @@ def test_collectives_and_bytes_per_step() -> None:
             frac = (world - 1) / world
             rs = sum(int(world * s * comm_el * frac) for s in got["sections"])  # reduce-scatter of padded grads
             ag = sum(int(world * s * 4 * frac) for s in got["sections"])  # all-gather of fp32 params
-            # norm, has-grad flags, edited and found-inf flags, the agreement codes, the W^T u partials
-            control_numel = (1 + len(SHAPES) + 2 + sum(AGREEMENT.values())
+            # norm, has-grad flags, edited, found-inf and builds-pending flags, the agreement codes, the W^T u partials
+            control_numel = (1 + len(SHAPES) + 3 + sum(AGREEMENT.values())
                              + (_spectral_control_numel(SHAPES) if rule is ADAMS else 0))
             control = int(2 * control_numel * 4 * frac)
             mins = 0
