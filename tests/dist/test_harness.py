@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 import pytest
 import torch.distributed as dist
 
-from adams_dist.testing import RankError, run
+from adams_dist import testing
+from adams_dist.testing import RankError, free_port, run
 
 
 def report(rank: int, world: int, key: str) -> dict:
@@ -46,3 +48,28 @@ def test_a_hang_is_a_timeout_naming_the_missing_rank() -> None:
     with pytest.raises(TimeoutError, match=r"hang_on_rank_one at world size 2 hung: ranks \[1\]"):
         run(hang_on_rank_one, 2, timeout=20)
     assert time.monotonic() - start < 60  # the hung process was killed, not waited for
+
+
+def test_a_process_group_that_cannot_form_is_started_again_on_another_port(monkeypatch) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()  # rank 0 cannot host the rendezvous here
+    handed: list[int] = []
+    real = testing.free_port
+
+    def first_the_taken_port() -> int:
+        handed.append(taken.getsockname()[1] if not handed else real())
+        return handed[-1]
+
+    monkeypatch.setattr(testing, "free_port", first_the_taken_port)
+    try:
+        out = run(report, 2, "ADAMS_DIST_PROBE", timeout=90)
+    finally:
+        taken.close()
+    assert [r["rank"] for r in out] == [0, 1] and all(r["group"] for r in out)
+    assert len(handed) == 2 and handed[0] != handed[1]
+
+
+def test_ports_come_from_below_the_ephemeral_range() -> None:
+    ports = {free_port() for _ in range(20)}
+    assert len(ports) > 1 and all(10_000 <= p < max(testing._ephemeral_start(), 12_000) for p in ports)

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from adams_dist.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ARGS = ["--n-layer", "1", "--n-head", "2", "--d-model", "32", "--block-size", "32", "--batch-size", "4",
@@ -20,12 +21,6 @@ TIMEOUT_S = 240
 
 def _env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHON": sys.executable, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", **extra}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(script: str, out_dir: Path, **env: str) -> subprocess.Popen:
@@ -57,7 +52,7 @@ def _losses(out_dir: Path) -> list[tuple[int, float]]:
 
 def test_two_nodes_of_two_equal_four_processes_on_one_node(tmp_path: Path) -> None:
     _finish([_start("train_cpu.sh", tmp_path / "standalone", NPROC="4")], "the standalone run")
-    endpoint = f"127.0.0.1:{_free_port()}"
+    endpoint = f"127.0.0.1:{free_port()}"
     nodes = [_start("train_multinode.sh", tmp_path / f"node{rank}", NNODES="2", NODE_RANK=str(rank),
                     NPROC_PER_NODE="2", RDZV_ENDPOINT=endpoint, RDZV_ID="test", RDZV_TIMEOUT="120")
              for rank in (0, 1)]
