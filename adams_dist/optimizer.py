@@ -250,7 +250,7 @@ class ShardedOptimizer(Optimizer):
         control = self._control_partials()
         grads = self._gradients_in(control)
         if self._builds is not None:  # compiled kernels only once every rank has built them
-            self._builds.allowed = not control.any_builds
+            self._builds.begin_step(allowed=not control.any_builds)
         if control.any_found_inf:  # a GradScaler found inf/NaN on some rank: every rank skips
             return self._skip(loss)
         if self.max_grad_norm is not None or self.skip_nonfinite:

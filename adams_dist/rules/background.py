@@ -18,9 +18,12 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from .compiled import map_tensors
 
 # While a build runs, the training thread waits this long at most for the interpreter lock after each torch
 # op (Python's default, 5 ms, would add seconds to an eager step with a thousand ops).
@@ -69,26 +72,27 @@ def _stand_in(described: tuple) -> torch.Tensor:
     return torch.nn.Parameter(t, requires_grad=requires_grad) if kind is torch.nn.Parameter else t
 
 
-def _with_stand_ins(args: tuple, stand_ins: list[torch.Tensor]) -> tuple:
-    """``args`` with each tensor replaced, in order, by the next stand-in (tuples kept)."""
-    it = iter(stand_ins)
-    return tuple(tuple(next(it) if isinstance(x, torch.Tensor) else x for x in a) if isinstance(a, tuple)
-                 else next(it) if isinstance(a, torch.Tensor) else a for a in args)
+@dataclass
+class _Build:
+    """One kernel signature: ``queued`` (or being built), ``built``, or ``failed`` (its kernel did not build,
+    or did not match its tensors), after ``attempts`` builds."""
+
+    state: str = "queued"
+    attempts: int = 1
 
 
 class BackgroundBuilds:
     """One optimizer's queue of kernel builds and the signatures already built (see the module docstring).
 
-    ``allowed`` is set by the engine each step: every rank's queue was empty when the step began.
+    ``begin_step`` is called by the engine each step: ``allowed``, every rank's queue was empty when it began.
     """
 
     def __init__(self) -> None:
         self.allowed = False
+        self.building = False  # a build was queued or running when this step began
         self._lock = threading.Lock()
         self._queue: list[tuple[tuple, Callable[[], Callable], tuple]] = []
-        self._queued: set[tuple] = set()
-        self._built: set[tuple] = set()
-        self._attempts: dict[tuple, int] = {}
+        self._builds: dict[tuple, _Build] = {}
         self._thread: threading.Thread | None = None
 
     def __deepcopy__(self, memo: dict) -> BackgroundBuilds:  # a copied optimizer builds (or reuses) its own
@@ -99,6 +103,11 @@ class BackgroundBuilds:
         """Whether a build is queued or running."""
         with self._lock:
             return bool(self._queue) or self._thread is not None
+
+    def begin_step(self, allowed: bool) -> None:
+        """Called by the engine once per step: ``allowed``, no rank had a build pending."""
+        self.allowed = allowed
+        self.building = self.pending
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the queue is empty (for tests and benchmarks). Returns whether it is."""
@@ -113,7 +122,8 @@ class BackgroundBuilds:
         the kernel; ``make_kernel`` returns it (the first call imports the compiler: that too happens in the
         thread)."""
         key = _signature(kind, update, args)
-        if key in self._built:
+        build = self._builds.get(key)
+        if build is not None and build.state == "built":
             if not self.allowed:
                 return False
             try:
@@ -123,20 +133,21 @@ class BackgroundBuilds:
             except RuntimeError as err:  # raised before the kernel touched a tensor
                 if "fail_on_recompile" not in str(err):
                     raise
-                self._built.discard(key)
-                if self._attempts.get(key, 0) >= _MAX_ATTEMPTS:
+                build.state = "failed"
+                if build.attempts >= _MAX_ATTEMPTS:
                     warnings.warn(f"kernel='background': the {kind[0]} kernel built in the background did not match "
                                   f"its tensors {_MAX_ATTEMPTS} times; those tensors stay on the eager path",
                                   RuntimeWarning, stacklevel=4)
-        if self._attempts.get(key, 0) < _MAX_ATTEMPTS and key not in self._queued:
-            self._enqueue(key, make_kernel, _with_stand_ins(args, [_stand_in(d) for d in key[2]]))
+        if build is None or (build.state == "failed" and build.attempts < _MAX_ATTEMPTS):
+            stand_ins = iter([_stand_in(d) for d in key[2]])
+            self._enqueue(key, make_kernel, map_tensors(args, lambda _: next(stand_ins)))
         return False
 
     def _enqueue(self, key: tuple, make_kernel: Callable[[], Callable], args: tuple) -> None:
         self.allowed = False  # the rest of this step stays eager on every rank: no compiled call during a build
         with self._lock:
-            self._queued.add(key)
-            self._attempts[key] = self._attempts.get(key, 0) + 1
+            build = self._builds.setdefault(key, _Build(attempts=0))
+            build.state, build.attempts = "queued", build.attempts + 1
             self._queue.append((key, make_kernel, args))
             if self._thread is None:
                 _thread_started()
@@ -151,14 +162,12 @@ class BackgroundBuilds:
                     _thread_ended()
                     return
                 key, make_kernel, args = self._queue.pop(0)
+            build = self._builds[key]
             try:
                 with torch.no_grad():
                     make_kernel()(*args)
-                with self._lock:
-                    self._built.add(key)
+                build.state = "built"
             except Exception as err:  # the eager path goes on; say why the compiled one will not come
                 warnings.warn(f"kernel='background': a compiled kernel failed to build ({type(err).__name__}: "
                               f"{err}); its tensors stay on the eager path", RuntimeWarning, stacklevel=1)
-                self._attempts[key] = _MAX_ATTEMPTS
-            with self._lock:
-                self._queued.discard(key)
+                build.state, build.attempts = "failed", _MAX_ATTEMPTS

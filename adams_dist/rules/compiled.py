@@ -42,12 +42,17 @@ def compile_supported(device: torch.device) -> bool:
     return False
 
 
-def without_bases(args: tuple) -> tuple:
-    """``args`` with each tensor (also inside tuples) detached: the same memory, no longer a view. Dynamo
-    guards on a view's base, so views of differently shaped bases (a flat shard, a 2-D weight) would
-    each compile a kernel of their own."""
-    return tuple(without_bases(a) if isinstance(a, tuple) else a.detach() if isinstance(a, torch.Tensor) else a
+def map_tensors(args: tuple, fn: Callable[[torch.Tensor], Any]) -> tuple:
+    """``args`` with ``fn(t)`` for each tensor ``t``, also inside tuples, in order."""
+    return tuple(map_tensors(a, fn) if isinstance(a, tuple) else fn(a) if isinstance(a, torch.Tensor) else a
                  for a in args)
+
+
+def without_bases(args: tuple) -> tuple:
+    """``args`` with each tensor detached: the same memory, no longer a view. Dynamo guards on a view's
+    base, so views of differently shaped bases (a flat shard, a 2-D weight) would each compile a kernel
+    of their own."""
+    return map_tensors(args, torch.Tensor.detach)
 
 
 def compiled_kernel(name: str, rule_fn: Callable, rank1: bool) -> Callable:

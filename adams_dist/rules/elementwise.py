@@ -145,7 +145,7 @@ class ElementwiseRule(Rule):
             if rank1 is not None:
                 spectral.rank1_(piece, rank1[0], rank1[1], decay.coef)
             # while kernels build in a thread, each torch call may wait for the interpreter lock: make fewer
-            whole = isinstance(compiled, BackgroundBuilds) and compiled.pending
+            whole = isinstance(compiled, BackgroundBuilds) and compiled.building
             add_in_chunks(piece.view(-1), [t.view(-1) for t in views], update, 1.0 if rank1 else decay.keep, whole)
         return compiled is not False
 

@@ -166,7 +166,7 @@ def mismatched_worker(rank: int, world: int) -> dict:
     steps, start = 0, time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        while steps < 4 or opt._builds.pending or max(opt._builds._attempts.values()) < 2:
+        while steps < 4 or opt._builds.pending or max(b.attempts for b in opt._builds._builds.values()) < 2:
             for p, g in zip(params, grads(steps)):
                 p.grad = g
             opt.step()
@@ -180,7 +180,7 @@ def mismatched_worker(rank: int, world: int) -> dict:
             opt.step()
             steps += 1
     return {"steps": steps, "eager_after": calls[0] - before, "pending": opt._builds.pending,
-            "attempts": list(opt._builds._attempts.values()), "warnings": [str(w.message) for w in caught],
+            "attempts": [b.attempts for b in opt._builds._builds.values()], "warnings": [str(w.message) for w in caught],
             "params": [p.detach().clone() for p in params]}
 
 
