@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.optim.optimizer import Optimizer
 
-from . import ablations, ddp, decay, fsdp, state_io, validation
+from . import ablations, ddp, decay, fsdp, gradients, state_io, validation
 from .comm import DEFAULT_TIMEOUT
 from .control import Control, agreement_values
 from .layout import Slot
@@ -189,15 +189,6 @@ class ShardedOptimizer(Optimizer):
         self._shards.zero_grads += 1
         super().zero_grad(set_to_none=set_to_none)
 
-    def _grad_norm_sq(self, grads: Grads) -> torch.Tensor:
-        """This rank's part of the squared global norm of ``grads`` (summed over the ranks by the caller)."""
-        # a replica past the first adds nothing: its elements are counted where they first appear
-        present = [g for s, g in zip(self._slots, grads) if g is not None and g.numel() and s.counts]
-        if not present:
-            return torch.zeros(1, dtype=torch.float32, device=self.device)
-        norms = torch._foreach_norm(present)
-        return torch.stack([n.float() for n in norms]).square().sum().reshape(1)
-
     @torch.compiler.disable  # see step()
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
@@ -206,25 +197,7 @@ class ShardedOptimizer(Optimizer):
         The clipped, averaged gradients are kept for the next ``step()``. Collective in distributed mode.
         With a GradScaler, call ``scaler.unscale_(optimizer)`` first, as for any optimizer.
         """
-        if not max_norm > 0:
-            raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
-        self._check_grads()
-        shards = self._shards
-        shards.set_context(f"clip_grad_norm_() before step {self._steps_taken + 1}")
-        shards.inv_scale = 1.0  # the gradients are unscaled by now (scaler.unscale_)
-        grads = shards.wait_reduce()
-        # With the norm goes whether any rank's gradients changed since overlap mode reduced them.
-        norm_sq = self._grad_norm_sq(grads)
-        norm_edited = torch.cat([norm_sq, norm_sq.new_tensor([float(shards.edited())])])
-        shards.all_reduce(norm_edited, "the gradient-norm all-reduce", side=True).wait()
-        if float(norm_edited[1]) > 0:
-            grads = shards.reduce_again()
-            norm_edited[:1] = self._grad_norm_sq(grads)
-            shards.all_reduce(norm_edited[:1], "the gradient-norm all-reduce", side=True).wait()
-        norm = norm_edited[0].sqrt()
-        shards.scale_grads(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
-        self.last_grad_norm = norm
-        return norm
+        return gradients.clip(self, max_norm)
 
     # ------------------------------------------------------------------ the step
 
@@ -248,7 +221,7 @@ class ShardedOptimizer(Optimizer):
 
         # Gradients in, and the control all-reduce (norm, has-grad flags, W^T u partials, agreement).
         control = self._control_partials()
-        grads = self._gradients_in(control)
+        grads = gradients.averaged(self, control)
         if self._builds is not None:  # compiled kernels only once every rank has built them
             self._builds.begin_step(allowed=not control.any_builds)
         if control.any_found_inf:  # a GradScaler found inf/NaN on some rank: every rank skips
@@ -297,40 +270,6 @@ class ShardedOptimizer(Optimizer):
 
     def _agreement_values(self, readable: bool = False) -> dict[str, Any]:
         return agreement_values(self._shards.backward_passes, self._shards.zero_grads, self.param_groups, readable)
-
-    def _gradients_in(self, control: Control) -> Grads:
-        """This rank's averaged gradient rows, with ``control`` reduced over the ranks and checked.
-
-        Without the gradient norm the control all-reduce needs no reduced gradient: it goes right after
-        the last reduce-scatter is issued, and its latency hides behind theirs.
-        """
-        shards, need_norm = self._shards, self.max_grad_norm is not None or self.skip_nonfinite
-        # A GradScaler (which sees _step_supports_amp_scaling) sets grad_scale and found_inf for this call.
-        # Each rank unscales its own gradients as they are read: its scale may differ from the others'
-        # (adams_dist.GradScaler keeps them equal, from found_inf_anywhere).
-        scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        shards.inv_scale = 1.0 if scale is None else 1.0 / float(scale)
-        if found_inf is not None:
-            control.found_inf.copy_(found_inf.reshape(1))
-        shards.start_reduce()
-        control.edited.fill_(float(shards.edited()))
-        if not need_norm:
-            control.start(lambda t: shards.all_reduce(t, "the step's control all-reduce"))
-        grads = shards.wait_reduce()
-        if need_norm:
-            control.grad_norm_sq = self._grad_norm_sq(grads)
-            control.start(lambda t: shards.all_reduce(t, "the step's control all-reduce"))
-        control.wait()
-        self.found_inf_anywhere = None if found_inf is None else control.found_inf.clamp(max=1.0)
-        control.check_agreement(self._steps_taken, lambda: self._shards.gather_json(
-            self._agreement_values(readable=True), "the comparison of the ranks"))
-        if control.any_edited:  # some rank edited a gradient after its reduction read it
-            grads = shards.reduce_again()
-            if need_norm:
-                control.grad_norm_sq = self._grad_norm_sq(grads)
-                shards.all_reduce(control.grad_norm_sq, "the gradient-norm all-reduce").wait()
-                control.grad_norm_sq_host = float(control.grad_norm_sq)
-        return grads
 
     def _update_group(self, group: dict[str, Any], slots: list[Slot], grads: Grads,
                       wtu: dict[int, torch.Tensor], wv: dict[int, torch.Tensor]) -> None:
