@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .compiled import map_tensors
+from .compiled import map_tensors, one_graph_per_shape_kind
 
 # While a build runs, the training thread waits this long at most for the interpreter lock after each torch
 # op (Python's default, 5 ms, would add seconds to an eager step with a thousand ops).
@@ -164,7 +164,7 @@ class BackgroundBuilds:
                 key, make_kernel, args = self._queue.pop(0)
             build = self._builds[key]
             try:
-                with torch.no_grad():
+                with torch.no_grad(), one_graph_per_shape_kind():
                     make_kernel()(*args)
                 build.state = "built"
             except Exception as err:  # the eager path goes on; say why the compiled one will not come

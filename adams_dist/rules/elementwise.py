@@ -6,7 +6,8 @@ returns what to add to the parameter. ``update`` must be element-wise (each outp
 only on the same element of its inputs) and use ``rules.atan2`` rather than ``torch.atan2``. From it:
 
 - compiled (``kernel="compiled"``, tensors of at least ``COMPILED_MIN_NUMEL`` elements): one fused
-  kernel per tensor, ``p = keep*p + delta`` or, under spectral decay, ``p - coef*(W v) v^T + delta``;
+  pass per tensor, ``p = keep*p + delta`` or, under spectral decay, ``p - coef*(W v) v^T + delta``,
+  up to ``GROUP_PIECES`` tensors per compiled call;
 - eager, large tensors: ``update`` over fixed-size chunks, so its temporaries stay small and in cache
   instead of making full-size passes over memory;
 - eager, small tensors: concatenated into one flat tensor per state and updated in one call, so the
@@ -15,6 +16,7 @@ only on the same element of its inputs) and use ``rules.atan2`` rather than ``to
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import warnings
@@ -24,10 +26,10 @@ from typing import Any
 import torch
 
 from .. import spectral
-from ..decay import NO_DECAY, Decay
+from ..decay import Decay
 from .background import BackgroundBuilds
 from .base import Rule, Tensors, apply_decays, widened
-from .compiled import COMPILED_MIN_NUMEL, compiled_kernel, without_bases
+from .compiled import COMPILED_MIN_NUMEL, GROUP_PIECES, compiled_kernel, one_graph_per_shape_kind, without_bases
 
 _STEP_ARGS = ("lr", "step")
 # Elements per eager chunk and CPU thread: 512 KB per tensor, a few MB with the temporaries, so they
@@ -54,6 +56,30 @@ def add_in_chunks(p: torch.Tensor, tensors: Sequence[torch.Tensor], delta: Calla
     size = p.numel() if whole else _chunk_numel(p)
     for part, *chunks in zip(*(t.split(size) for t in (p, *tensors))):
         torch.add(delta(*chunks), part, alpha=keep, out=part)  # delta + keep*p in one pass
+
+
+# (piece of p, the same piece of g and the state, its (W v, v^T) under spectral decay or None, and the
+# factor: the decay's coef with (W v, v^T), else its keep)
+Piece = tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, torch.Tensor] | None, float]
+
+
+def pieces(p: torch.Tensor, tensors: tuple[torch.Tensor, ...], decay: Decay) -> list[Piece]:
+    """One big tensor's pieces: itself, or one ``(heads, rows, cols)`` view per run of heads under spectral
+    decay. Decay that no kernel folds in (column heads' rank-1 on a strided view, the scalar part before a
+    rank-1 one) is applied here."""
+    if decay.columns is not None:
+        decay.apply_(p)
+        return [(p, tensors, None, 1.0)]
+    if not decay.rank1:
+        return [(p, tensors, None, decay.keep)]
+    if decay.keep != 1.0:
+        p.mul_(decay.keep)
+    out: list[Piece] = []
+    for lo, hi, wv, vt in decay.runs:
+        n, cols = wv.shape[0], decay.cols
+        view = lambda t: t[lo * cols: hi * cols].view(n, -1, cols)  # noqa: E731
+        out.append((view(p), tuple(view(t) for t in tensors), (wv, vt), decay.coef))
+    return out
 
 
 class ElementwiseRule(Rule):
@@ -90,64 +116,69 @@ class ElementwiseRule(Rule):
         tensors = [(g, *(state[name][i] for name in self.state_names)) for i, g in enumerate(grads)]
         narrow = any(t.dtype != params[0].dtype for t in tensors[0][1:]) if tensors else False
         widen_to = params[0].dtype if narrow else None
-        small, kernel_ok = [], True
-        updates: dict[float, Callable[..., torch.Tensor]] = {}  # one per step count (usually one in all)
+        small: list[int] = []
+        large: dict[float, list[Piece]] = {}  # per step count (usually one in all)
         for i, p in enumerate(params):
             if p.numel() < COMPILED_MIN_NUMEL:
                 small.append(i)
-                continue
-            if steps[i] not in updates:
-                updates[steps[i]] = self.make_update(group, lr, steps[i], widen_to)
-            kernel_ok = self.update_large(p, tensors[i], decays[i], updates[steps[i]], compiled if kernel_ok else False,
-                                          strict)
+            else:
+                large.setdefault(steps[i], []).extend(pieces(p, tensors[i], decays[i]))
+        for work in large.values():  # flat pieces first: each compiled call then takes pieces of one kind
+            work.sort(key=lambda piece: piece[2] is not None)
+        kernel_ok = True
+        for step, work in large.items():
+            update = self.make_update(group, lr, step, widen_to)
+            kernel_ok = self.update_large(work, update, compiled if kernel_ok else False, strict)
         if small:
             pick = lambda ts: [ts[i] for i in small]  # noqa: E731
             self.update_small(pick(params), pick(tensors), pick(list(steps)), pick(list(decays)), group, lr, widen_to)
         return kernel_ok or not compiled
 
-    def update_large(self, p: torch.Tensor, tensors: tuple[torch.Tensor, ...], decay: Decay,
-                     update: Callable[..., torch.Tensor], compiled: bool | BackgroundBuilds, strict: bool) -> bool:
-        """Decay + update of one big tensor, piece by piece (one piece per run of heads under spectral
-        decay). ``compiled``: the compiled kernels, or those ``BackgroundBuilds`` has ready. Returns whether
-        the compiled kernels are still in use."""
-        # (piece of p, the same piece of g and the state, its (W v, v^T) under spectral decay)
-        pieces: list[tuple[torch.Tensor, tuple[torch.Tensor, ...], tuple[torch.Tensor, torch.Tensor] | None]]
-        pieces = [(p, tensors, None)]
-        if decay.columns is not None:  # column heads: the rank-1 decay on a strided view, then the update
-            decay.apply_(p)
-            decay = NO_DECAY
-        if decay.rank1:
-            if decay.keep != 1.0:
-                p.mul_(decay.keep)
-            pieces = []
-            for lo, hi, wv, vt in decay.runs:
-                n, cols = wv.shape[0], decay.cols
-                view = lambda t: t[lo * cols: hi * cols].view(n, -1, cols)  # noqa: E731
-                pieces.append((view(p), tuple(view(t) for t in tensors), (wv, vt)))
-        for piece, views, rank1 in pieces:
-            if compiled:
-                kind = (self.name, self.rule_fn, rank1 is not None)
-                make_kernel = functools.partial(compiled_kernel, *kind)
-                args = without_bases((piece, views, *rank1, decay.coef, update) if rank1
-                                     else (piece, views, decay.keep, update))
-                try:
-                    if not isinstance(compiled, BackgroundBuilds):
-                        make_kernel()(*args)
+    def update_large(self, work: list[Piece], update: Callable[..., torch.Tensor],
+                     compiled: bool | BackgroundBuilds, strict: bool) -> bool:
+        """Decay + update of big tensors' pieces: in compiled calls where ``compiled`` (True: up to
+        ``GROUP_PIECES`` pieces a call, or the ``BackgroundBuilds`` whose ready kernels to use) allows,
+        else eagerly.
+        Returns whether the compiled kernels are still in use."""
+        # while kernels build in a thread, each torch call may wait for the interpreter lock: make fewer
+        whole = isinstance(compiled, BackgroundBuilds) and compiled.building
+        # kernel="compiled" traces on this thread; the setting costs ~45 us, so it is entered once, not per call.
+        # The background kernels trace in their own thread.
+        with one_graph_per_shape_kind() if compiled is True else contextlib.nullcontext():
+            for start in range(0, len(work), GROUP_PIECES):
+                chunk = work[start: start + GROUP_PIECES]
+                if compiled:
+                    done = self._compiled_call(chunk, update, compiled, strict)
+                    if done:
                         continue
-                    if compiled.run(kind, make_kernel, update, args):
-                        continue
-                except Exception as err:  # build errors surface before the kernel touches any tensor
-                    if strict:
-                        raise RuntimeError(f"kernel='compiled' was requested but torch.compile failed: {err}") from err
-                    warnings.warn(f"{self.name} rule: compiled kernel unavailable ({type(err).__name__}: {err}); "
-                                  "running the same update through the eager path", RuntimeWarning, stacklevel=4)
-                    compiled = False
-            if rank1 is not None:
-                spectral.rank1_(piece, rank1[0], rank1[1], decay.coef)
-            # while kernels build in a thread, each torch call may wait for the interpreter lock: make fewer
-            whole = isinstance(compiled, BackgroundBuilds) and compiled.building
-            add_in_chunks(piece.view(-1), [t.view(-1) for t in views], update, 1.0 if rank1 else decay.keep, whole)
+                    if done is False:  # it cannot be built: the eager path from here on
+                        compiled = False
+                for p, views, rank1, factor in chunk:
+                    if rank1 is not None:
+                        spectral.rank1_(p, rank1[0], rank1[1], factor)
+                    add_in_chunks(p.view(-1), [t.view(-1) for t in views], update, 1.0 if rank1 else factor, whole)
         return compiled is not False
+
+    def _compiled_call(self, chunk: list[Piece], update: Callable[..., torch.Tensor],
+                       compiled: bool | BackgroundBuilds, strict: bool) -> bool | None:
+        """One compiled kernel over ``chunk``: True when it ran, None when the background kernel is not built
+        yet, False when the kernel cannot be built (after a warning; an error under ``strict``)."""
+        flat = tuple((p, views, factor) for p, views, rank1, factor in chunk if rank1 is None)
+        with_rank1 = tuple((p, views, *rank1, factor) for p, views, rank1, factor in chunk if rank1 is not None)
+        kind = (self.name, self.rule_fn, len(flat), len(with_rank1))
+        make_kernel = functools.partial(compiled_kernel, *kind)
+        args = without_bases((flat, with_rank1, update))
+        try:
+            if isinstance(compiled, BackgroundBuilds):
+                return compiled.run(kind, make_kernel, update, args) or None
+            make_kernel()(*args)
+            return True
+        except Exception as err:  # build errors surface before the kernel touches any tensor
+            if strict:
+                raise RuntimeError(f"kernel='compiled' was requested but torch.compile failed: {err}") from err
+            warnings.warn(f"{self.name} rule: compiled kernel unavailable ({type(err).__name__}: {err}); "
+                          "running the same update through the eager path", RuntimeWarning, stacklevel=5)
+            return False
 
     def update_small(self, params: Tensors, tensors: Sequence[tuple[torch.Tensor, ...]], steps: Sequence[float],
                      decays: Sequence[Decay], group: dict[str, Any], lr: float,

@@ -110,8 +110,9 @@ def test_every_kernel_has_its_own_code_object() -> None:
     from adams_dist.rules.compiled import compiled_kernel
 
     elementwise = [r for r in map(rules.get, rules.names()) if isinstance(r, rules.ElementwiseRule)]
-    wrappers = [compiled_kernel(r.name, r.rule_fn, rank1) for r in elementwise for rank1 in (False, True)]
-    originals = [getattr(w, "_torchdynamo_orig_callable", None) or w.__wrapped__ for w in wrappers]
+    counts = [(1, 0), (0, 1), (2, 0), (0, 2)]  # (flat pieces, rank-1 pieces) per call
+    wrappers = [compiled_kernel(r.name, r.rule_fn, *c) for r in elementwise for c in counts]
+    originals = [w._torchdynamo_orig_callable for w in wrappers]
     codes = {f.__code__ for f in originals}
-    assert len(codes) == len(wrappers) == 2 * len(elementwise) >= 8
+    assert len(codes) == len(wrappers) == len(counts) * len(elementwise) >= 16
     assert len({c.co_name for c in codes}) == len(codes)

@@ -12,7 +12,9 @@ import torch
 
 from adams_dist import rules
 from adams_dist.decay import Decay
-from adams_dist.rules.elementwise import CHUNK_PER_THREAD
+from adams_dist.rules.elementwise import CHUNK_PER_THREAD, pieces
+
+COMPILED_MIN = rules.COMPILED_MIN_NUMEL
 
 # Every hyperparameter any built-in rule reads; tau sits inside the range of v_hat, so HomeAdamEW
 # takes both branches.
@@ -51,7 +53,8 @@ def test_chunked_large_path_equals_the_function(rule: rules.ElementwiseRule) -> 
     want_p, want_rest = [p.clone() for p in params], [tuple(t.clone() for t in ts) for ts in rest]
     by_function(rule, want_p, want_rest, [3.0])
     update = rule.make_update(GROUP, LR, 3.0)
-    assert rule.update_large(params[0], rest[0], Decay(keep=KEEP), update, compiled=False, strict=False) is False
+    work = pieces(params[0], rest[0], Decay(keep=KEEP))
+    assert rule.update_large(work, update, compiled=False, strict=False) is False
     assert_same(params + list(rest[0]), want_p + list(want_rest[0]))
 
 
@@ -63,3 +66,28 @@ def test_batched_small_path_equals_the_function(rule: rules.ElementwiseRule) -> 
     by_function(rule, want_p, want_rest, steps)
     rule.update_small(params, rest, steps, [Decay(keep=KEEP)] * len(sizes), GROUP, LR)
     assert_same(params + [t for ts in rest for t in ts], want_p + [t for ts in want_rest for t in ts])
+
+
+@pytest.mark.skipif(not rules.compile_supported(torch.device("cpu")), reason="no C++ compiler for torch.compile")
+def test_a_kernel_that_fails_to_build_leaves_each_piece_updated_once(monkeypatch) -> None:
+    """Compiled calls take up to GROUP_PIECES pieces; when a later call's kernel fails to build, only the
+    pieces not yet updated take the eager path (an update applied twice would move them twice as far)."""
+    from adams_dist.rules import compiled, elementwise
+
+    rule = rules.get("adamw")
+    n = compiled.GROUP_PIECES + 1  # one full call, then one piece whose kernel "fails"
+    params, rest = tensors([COMPILED_MIN + 7 * i for i in range(n)], rule)
+    want_p, want_rest = [p.clone() for p in params], [tuple(t.clone() for t in ts) for ts in rest]
+    by_function(rule, want_p, want_rest, [3.0] * n)
+
+    def kernel_or_failure(name, rule_fn, flat, rank1):
+        if flat < compiled.GROUP_PIECES:
+            raise RuntimeError("no compiler for this one")
+        return compiled.compiled_kernel(name, rule_fn, flat, rank1)
+
+    monkeypatch.setattr(elementwise, "compiled_kernel", kernel_or_failure)
+    work = [piece for p, ts in zip(params, rest) for piece in pieces(p, ts, Decay(keep=KEEP))]
+    with pytest.warns(RuntimeWarning, match="compiled kernel unavailable"):
+        assert rule.update_large(work, rule.make_update(GROUP, LR, 3.0), compiled=True, strict=False) is False
+    for got, want in zip(params + [t for ts in rest for t in ts], want_p + [t for ts in want_rest for t in ts]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
