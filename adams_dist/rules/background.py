@@ -50,10 +50,13 @@ def _thread_ended() -> None:
 
 def _signature(kind: tuple, update: Callable, args: tuple) -> tuple:
     """What a compiled call's guards depend on, with sizes and storage offsets renumbered to small
-    values that keep their order, their equalities and 0 and 1 (dynamic shapes specialise those)."""
+    values that keep their equalities and 0 and 1 (dynamic shapes specialise those), numbered in order of
+    appearance: a square, a tall and a wide matrix take two builds, not three (the kernels compile
+    without duck sizing, so no guard compares two sizes the update does not relate)."""
     tensors = [a for a in _flatten(args) if isinstance(a, torch.Tensor)]
-    ints = sorted({n for t in tensors for n in (*t.shape, t.storage_offset())} - {0, 1})
-    small = {n: i + 2 for i, n in enumerate(ints)} | {0: 0, 1: 1}
+    small = {0: 0, 1: 1}
+    for n in (n for t in tensors for n in (*t.shape, t.storage_offset())):
+        small.setdefault(n, len(small))
     described = tuple((type(t), t.dtype, t.requires_grad, t.is_contiguous(), tuple(small[n] for n in t.shape),
                        small[t.storage_offset()]) for t in tensors)
     return (kind, getattr(update, "__code__", None), described)

@@ -136,17 +136,19 @@ class ElementwiseRule(Rule):
 
     def update_large(self, work: list[Piece], update: Callable[..., torch.Tensor],
                      compiled: bool | BackgroundBuilds, strict: bool) -> bool:
-        """Decay + update of big tensors' pieces: in compiled calls where ``compiled`` (True: up to
-        ``GROUP_PIECES`` pieces a call, or the ``BackgroundBuilds`` whose ready kernels to use) allows,
-        else eagerly.
-        Returns whether the compiled kernels are still in use."""
+        """Decay + update of big tensors' pieces: in compiled calls where ``compiled`` (True, or the
+        ``BackgroundBuilds`` whose ready kernels to use) allows, else eagerly. Returns whether the compiled
+        kernels are still in use."""
         # while kernels build in a thread, each torch call may wait for the interpreter lock: make fewer
         whole = isinstance(compiled, BackgroundBuilds) and compiled.building
-        # kernel="compiled" traces on this thread; the setting costs ~45 us, so it is entered once, not per call.
-        # The background kernels trace in their own thread.
+        # kernel="compiled": GROUP_PIECES pieces a call. "background" builds one-piece kernels, seconds each
+        # instead of tens, so that the eager steps end sooner.
+        per_call = GROUP_PIECES if compiled is True else 1
+        # kernel="compiled" traces on this thread; the setting costs ~45 us, so it is entered once, not per
+        # call. The background kernels trace in their own thread.
         with one_graph_per_shape_kind() if compiled is True else contextlib.nullcontext():
-            for start in range(0, len(work), GROUP_PIECES):
-                chunk = work[start: start + GROUP_PIECES]
+            for start in range(0, len(work), per_call):
+                chunk = work[start: start + per_call]
                 if compiled:
                     done = self._compiled_call(chunk, update, compiled, strict)
                     if done:

@@ -192,3 +192,35 @@ def test_kernels_that_never_match_leave_the_eager_path_running(tmp_path) -> None
     assert any("did not match" in w for w in res["warnings"])
     for a, b in zip(res["params"], foreach_reference(res["steps"])):
         assert torch.equal(a, b)  # the eager path all along: bitwise the foreach run
+
+
+def test_a_tall_and_a_wide_matrix_share_one_build() -> None:
+    """Build signatures keep 0, 1 and equal sizes, not their order: the kernels compile without duck sizing,
+    so one graph serves a tall and a wide matrix (two builds would delay the switch by one build time)."""
+    from adams_dist.rules.background import _signature
+
+    def piece(rows: int, cols: int) -> tuple:
+        p, g, m, v = (torch.zeros(1, rows, cols) for _ in range(4))
+        return ((), ((p, (g, m, v), torch.zeros(1, rows, 1), torch.zeros(1, 1, cols), 0.1),), None)
+
+    kind = ("atan2", None, 0, 1)
+    assert _signature(kind, None, piece(3200, 800)) == _signature(kind, None, piece(800, 3200))
+    assert _signature(kind, None, piece(800, 800)) != _signature(kind, None, piece(800, 3200))  # an equality
+    assert _signature(kind, None, piece(1, 800)) != _signature(kind, None, piece(2, 800))  # 1 is specialised
+
+
+@needs_compiler
+def test_background_builds_one_piece_kernels(monkeypatch) -> None:
+    """kernel="compiled" updates up to GROUP_PIECES tensors per call; "background" builds one-piece kernels,
+    whose builds take seconds instead of tens, so that its eager steps end sooner."""
+    from adams_dist.rules import compiled
+    from adams_dist.rules.background import BackgroundBuilds
+
+    queued: list[tuple] = []
+    monkeypatch.setattr(BackgroundBuilds, "_enqueue", lambda self, key, make, args: queued.append(key[0]))
+    params = [torch.nn.Parameter(torch.randn(256, 160)) for _ in range(compiled.GROUP_PIECES + 1)]
+    opt = adams_dist.Adams_ZeRO(params, kernel="background")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert len(queued) == len(params) and all(kind[2:] == (0, 1) for kind in queued)  # (flat, rank-1) pieces
