@@ -55,10 +55,10 @@ def _signature(kind: tuple, update: Callable, args: tuple) -> tuple:
     without duck sizing, so no guard compares two sizes the update does not relate)."""
     tensors = [a for a in _flatten(args) if isinstance(a, torch.Tensor)]
     small = {0: 0, 1: 1}
-    for n in (n for t in tensors for n in (*t.shape, t.storage_offset())):
+    for n in (n for t in tensors for n in (*t.shape, int(t.storage_offset()))):
         small.setdefault(n, len(small))
     described = tuple((type(t), t.dtype, t.requires_grad, t.is_contiguous(), tuple(small[n] for n in t.shape),
-                       small[t.storage_offset()]) for t in tensors)
+                       small[int(t.storage_offset())]) for t in tensors)
     return (kind, getattr(update, "__code__", None), described)
 
 

@@ -27,9 +27,10 @@ import torch
 
 from .. import spectral
 from ..decay import Decay
+from . import compiled as compiled_kernels
 from .background import BackgroundBuilds
 from .base import Rule, Tensors, apply_decays, widened
-from .compiled import COMPILED_MIN_NUMEL, GROUP_PIECES, compiled_kernel, one_graph_per_shape_kind, without_bases
+from .compiled import COMPILED_MIN_NUMEL, compiled_kernel, one_graph_per_shape_kind, without_bases
 
 _STEP_ARGS = ("lr", "step")
 # Elements per eager chunk and CPU thread: 512 KB per tensor, a few MB with the temporaries, so they
@@ -143,7 +144,7 @@ class ElementwiseRule(Rule):
         whole = isinstance(compiled, BackgroundBuilds) and compiled.building
         # kernel="compiled": GROUP_PIECES pieces a call. "background" builds one-piece kernels, seconds each
         # instead of tens, so that the eager steps end sooner.
-        per_call = GROUP_PIECES if compiled is True else 1
+        per_call = compiled_kernels.GROUP_PIECES if compiled is True else 1  # read here: a user may set it
         # kernel="compiled" traces on this thread; the setting costs ~45 us, so it is entered once, not per
         # call. The background kernels trace in their own thread.
         with one_graph_per_shape_kind() if compiled is True else contextlib.nullcontext():

@@ -91,3 +91,25 @@ def test_a_kernel_that_fails_to_build_leaves_each_piece_updated_once(monkeypatch
         assert rule.update_large(work, rule.make_update(GROUP, LR, 3.0), compiled=True, strict=False) is False
     for got, want in zip(params + [t for ts in rest for t in ts], want_p + [t for ts in want_rest for t in ts]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_group_pieces_sets_the_tensors_per_compiled_call(monkeypatch) -> None:
+    """``rules.compiled.GROUP_PIECES`` is read at each step: 5 tensors at 2 a call are 3 calls (2, 2, 1)."""
+    from adams_dist.rules import compiled, elementwise
+
+    rule = rules.get("adamw")
+    calls: list[tuple[int, int]] = []
+
+    def eager_kernel(name, rule_fn, flat, rank1):  # the kernel's own Python function, not compiled
+        calls.append((flat, rank1))
+        return compiled.compiled_kernel(name, rule_fn, flat, rank1)._torchdynamo_orig_callable
+
+    monkeypatch.setattr(compiled, "GROUP_PIECES", 2)
+    monkeypatch.setattr(elementwise, "compiled_kernel", eager_kernel)
+    params, rest = tensors([COMPILED_MIN + i for i in range(5)], rule)
+    want_p, want_rest = [p.clone() for p in params], [tuple(t.clone() for t in ts) for ts in rest]
+    by_function(rule, want_p, want_rest, [3.0] * 5)
+    work = [piece for p, ts in zip(params, rest) for piece in pieces(p, ts, Decay(keep=KEEP))]
+    assert rule.update_large(work, rule.make_update(GROUP, LR, 3.0), compiled=True, strict=True) is True
+    assert calls == [(2, 0), (2, 0), (1, 0)]
+    assert_same(params + [t for ts in rest for t in ts], want_p + [t for ts in want_rest for t in ts])
