@@ -151,7 +151,7 @@ def power_rows(w_rows: torch.Tensor, u_rows: torch.Tensor, row_start: int, shape
         sigma_sq[h0:h1] += wv.square().sum(dim=(1, 2)).to(sigma_sq.dtype)
         u_rows[lo:hi].copy_(wv.reshape(-1))
         out.append((lo, hi, wv, vt))
-    _restart_dead(u_rows, row_start, shape, dead)
+    _restart_dead(u_rows, row_start, shape, dead)  # a select, not an `if`: no wait for the device
     return out
 
 
@@ -250,8 +250,6 @@ def apply_rank1_columns(w_rows: torch.Tensor, runs: list[PowerRun], coef: float,
 
 
 def _restart_dead(u_rows: torch.Tensor, row_start: int, shape: SpectralShape, dead: torch.Tensor) -> None:
-    if dead.device.type == "cpu" and not bool(dead.any()):  # no device to wait for: skip the ten ops of the select
-        return
     rows = torch.arange(row_start, row_start + u_rows.shape[0], device=u_rows.device)
     # 1 + frac(i * golden ratio), in 32-bit fixed point (exact integer math, float64-free for MPS):
     # deterministic in the global row index, so identical at any world size.
