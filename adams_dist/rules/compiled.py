@@ -19,13 +19,14 @@ from .. import spectral
 
 # Below this many elements a compiled call's fixed cost (guards, wrappers) exceeds what fusion saves.
 COMPILED_MIN_NUMEL = 1 << 15
+# Pieces per compiled call (kernel="compiled"). More pay Dynamo's per-call cost fewer times (AdamW at 2.1M
+# params on one core: 2.13x fused AdamW with 1, 1.85x with 4, 1.65x with 16; benchmarks/group_bench.py), but
+# the build time grows with the pieces in a graph (6-9 s a piece for the atan2 rules); calls with the same
+# piece counts share one graph.
+GROUP_PIECES = 4
 # Inductor stores an intermediate to memory once it grows past a few dozen ops or reads (atan2's
 # polynomial does), and a stored intermediate splits the kernel into two passes; these keep each
 # update one loop. Options this torch does not know are left out.
-# Pieces per compiled call (kernel="compiled"). More pay Dynamo's per-call cost fewer times (AdamW at 20M
-# params on one core: 1.35x fused AdamW with 1, 1.15x with 4, 1.11x with 16), but the build time grows
-# with the pieces in a graph (6-9 s a piece for the atan2 rules); calls with the same piece count share one.
-GROUP_PIECES = 4
 _ONE_LOOP = {name: 10_000 for name in ("realize_opcount_threshold", "realize_cpu_opcount_threshold",
                                        "realize_reads_threshold", "realize_acc_reads_threshold",
                                        "realize_cpu_acc_reads_threshold")}
@@ -60,7 +61,7 @@ def without_bases(args: tuple) -> tuple:
 
 
 def compiled_kernel(name: str, rule_fn: Callable, flat: int, rank1: int) -> Callable:
-    """Decay + update of a whole group's big tensors in one compiled call: ``flat`` flat pieces, then
+    """Decay + update of several big tensors in one compiled call: ``flat`` flat pieces, then
     ``rank1`` pieces under spectral decay; ``update`` is what ``rule_fn`` returned for this step.
 
     Called as ``kernel(flat_pieces, rank1_pieces, update)``. A flat piece is ``(p, tensors, keep)``:
