@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -296,7 +296,10 @@ class ShardedOptimizer(Optimizer):
         full = [g if (g := grads[s.index]) is not None else torch.zeros_like(m) for s, m in zip(slots, masters)]
         apply = functools.partial(self._apply_rule, group, lr)
         if self.moment_dtype == "8bit":
-            self.storage.apply_8bit(apply, self.rule.state_names, states, masters, full, steps, decays)
+            update_8bit = getattr(self.rule, "update_8bit", None)  # element-wise rules: decode, update, encode fused
+            fused = (functools.partial(self._fused_8bit, update_8bit, group, lr)
+                     if update_8bit is not None and self.kernel_path == "compiled" else None)
+            self.storage.apply_8bit(apply, self.rule.state_names, states, masters, full, steps, decays, fused)
         else:
             apply(states, masters, full, steps, decays)
         self.storage.store_masters(slots, stored, masters, steps)
@@ -310,6 +313,13 @@ class ShardedOptimizer(Optimizer):
                              compiled=compiled, strict=self.kernel == "compiled")
         if compiled and not ok:  # a broken toolchain must not stop training when the user did not ask for it
             self.kernel = "foreach"
+
+    def _fused_8bit(self, update_8bit: Callable[..., bool], group: dict[str, Any], lr: float, master: torch.Tensor,
+                    grad: torch.Tensor, st: dict[str, Any], step: float, keep: float) -> bool:
+        ok = update_8bit(master, grad, st, step, group, lr, keep, strict=self.kernel == "compiled")
+        if not ok:  # as in _apply_rule: the eager path from here on
+            self.kernel = "foreach"
+        return ok
 
     def _reduce_min(self, t: torch.Tensor) -> torch.Tensor:
         return self._shards.reduce_min(t, self._device)

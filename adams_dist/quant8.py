@@ -67,7 +67,7 @@ ENCODER = {dt: _encoder(m) for dt, m in MAGS.items()}
 
 
 @functools.cache
-def _tables(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def tables(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """TABLE and ENCODER of the code dtype on ``device``: copied once, not at every chunk."""
     first, above = ENCODER[dtype]
     return TABLE[dtype].to(device), first.to(device), above.to(device)
@@ -95,33 +95,50 @@ def quantize_(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> Non
 
 
 def _quantize_chunk(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> None:
-    xb = _blocks(x)
+    blocks = torch.empty(n_blocks(x.numel()) * BLOCK, dtype=codes.dtype, device=codes.device)
+    encode_blocks_(_blocks(x), blocks.view(-1, BLOCK), scales, *tables(codes.dtype, x.device)[1:])
+    codes.copy_(blocks[: x.numel()])
+
+
+def encode_blocks_(xb: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, first: torch.Tensor,
+                   above: torch.Tensor) -> None:
+    """Store ``xb`` (``(blocks, BLOCK)`` floats) as ``codes`` of the same shape and one scale per block, with
+    the ENCODER tables ``first`` and ``above`` of the codes' dtype. Traceable: the compiled 8-bit kernels
+    (rules/compiled.py) fuse it into the update's pass over memory."""
     if codes.dtype == torch.uint8:
         xb = xb.sqrt()
     scales.copy_(xb.abs().amax(dim=1))  # NaN in a block makes its scale NaN: it reads back as NaN
-    s = scales.to(x.dtype)[:, None]  # divide by the stored (float32) scale, so that table * scale is the value read
-    y = (xb / torch.where(s > 0, s, 1.0)).view(-1)[: x.numel()]  # in [-1, 1]
+    s = scales.to(xb.dtype)[:, None]  # divide by the stored (float32) scale, so that table * scale is the value read
+    y = xb / torch.where(s > 0, s, 1.0)  # in [-1, 1]
     a = y.abs().float()
-    _, first, above = _tables(codes.dtype, a.device)
-    bucket = a.view(torch.int16)[1::2].int()  # the top 16 bits (little-endian); NaN: any bucket, its scale is NaN
-    mag = first.index_select(0, bucket)
-    mag += a > above.index_select(0, mag)
-    codes.copy_(mag if codes.dtype == torch.uint8 else mag.float().copysign_(y))  # (torch.where: 8x slower)
+    bucket = a.view(torch.int32) >> 16  # the top 16 bits; NaN: any bucket, its scale is NaN
+    mag = first.index_select(0, bucket.view(-1)).view(bucket.shape)
+    mag = mag + (a > above.index_select(0, mag.view(-1)).view(a.shape)).to(mag.dtype)
+    if codes.dtype == torch.int8:  # y's sign, as 0 or -1 from its sign bit: two's complement negates mag
+        sign = y.float().view(torch.int32) >> 31  # (torch.where: 8x slower eagerly; copysign: a call per vector)
+        mag = (mag ^ sign) - sign
+    codes.copy_(mag)
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The flat values ``codes`` and ``scales`` stand for, as a new ``dtype`` tensor."""
     codes = codes.reshape(-1)
-    table = _tables(codes.dtype, codes.device)[0].to(dtype)
+    table = tables(codes.dtype, codes.device)[0]
     out = torch.empty(codes.numel(), dtype=dtype, device=codes.device)
     for lo in range(0, codes.numel(), CHUNK):
         c, part = codes[lo: lo + CHUNK], out[lo: lo + CHUNK]
-        vals = table.index_select(0, c.int() + 127 if codes.dtype == torch.int8 else c.int())
-        x = (_blocks(vals) * scales[lo // BLOCK: (lo + CHUNK) // BLOCK].to(dtype)[:, None]).view(-1)
-        part.copy_(x[: c.numel()])
-        if codes.dtype == torch.uint8:
-            part.square_()
+        values = decode_blocks(_blocks(c), scales[lo // BLOCK: (lo + CHUNK) // BLOCK], table, dtype)
+        part.copy_(values.view(-1)[: c.numel()])
     return out
+
+
+def decode_blocks(codes: torch.Tensor, scales: torch.Tensor, table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The ``(blocks, BLOCK)`` values of ``codes`` (same shape) and their scales, as ``dtype``, with the TABLE of
+    the codes' dtype. Traceable, as ``encode_blocks_``."""
+    signed = codes.dtype == torch.int8
+    values = table.to(dtype).index_select(0, (codes.int() + 127 if signed else codes.int()).view(-1))
+    x = values.view(codes.shape) * scales.to(dtype)[:, None]
+    return x if signed else x * x
 
 
 def new_scales(names: tuple[str, ...], numel: int, device: torch.device) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ import torch
 from . import ablations, quant8, rounding, validation
 from .decay import NO_DECAY, Decay
 from .layout import Slot
+from .rules.compiled import COMPILED_MIN_NUMEL
 
 QUANT_BATCH = 1 << 22  # moment_dtype="8bit": elements whose moments are dequantized at once
 
@@ -84,12 +85,16 @@ class Storage:
 
     def apply_8bit(self, apply: Callable[..., None], names: Sequence[str], states: list[dict[str, Any]],
                    masters: list[torch.Tensor], grads: list[torch.Tensor], steps: list[float],
-                   decays: list[Decay]) -> None:
+                   decays: list[Decay], fused: Fused | None = None) -> None:
         """``apply(states, masters, grads, steps, decays)`` on moments dequantized a few parameters at a time
         (the rule is element-wise, so any split of the group gives the same update), quantized back after:
         the step computes in the master's precision, and the extra memory is the float moments of at most
-        QUANT_BATCH elements, a parameter larger than that being cut into pieces of whole blocks."""
+        QUANT_BATCH elements, a parameter larger than that being cut into pieces of whole blocks.
+        ``fused`` (the compiled path): a kernel that updates the whole blocks of a big piece from its codes,
+        with no float moments in memory; the rest goes through ``apply``."""
         states, masters, grads, steps, decays = _pieces(names, states, masters, grads, steps, decays)
+        if fused is not None:
+            states, masters, grads, steps, decays = _fused_blocks(fused, names, states, masters, grads, steps, decays)
         per_param = (masters, grads, steps, decays)
         start = 0
         while start < len(states):
@@ -107,6 +112,17 @@ class Storage:
             start = end
 
 
+# (master, grad, state, step, keep) -> whether it ran: the compiled 8-bit update of one piece's whole blocks
+Fused = Callable[[torch.Tensor, torch.Tensor, dict[str, Any], float, float], bool]
+
+
+def _state_piece(st: dict[str, Any], names: Sequence[str], lo: int, hi: int) -> dict[str, Any]:
+    """``st`` with the codes of elements ``lo:hi`` (``lo`` on a block boundary) and their blocks' scales."""
+    return dict(st, **{k: st[k][lo:hi] for k in names},
+                **{quant8.scale_name(k): st[quant8.scale_name(k)][lo // quant8.BLOCK: -(-hi // quant8.BLOCK)]
+                   for k in names})
+
+
 def _pieces(names: Sequence[str], states: list[dict[str, Any]], masters: list[torch.Tensor],
             grads: list[torch.Tensor], steps: list[float], decays: list[Decay]) -> tuple[list[Any], ...]:
     """The parameters, those over QUANT_BATCH elements cut into pieces of whole 8-bit blocks: views of their
@@ -121,10 +137,30 @@ def _pieces(names: Sequence[str], states: list[dict[str, Any]], masters: list[to
         dec.apply_(master)
         for lo in range(0, n, QUANT_BATCH):  # QUANT_BATCH is a multiple of the block size
             hi = min(n, lo + QUANT_BATCH)
-            piece = dict(st, **{k: st[k][lo:hi] for k in names},
-                         **{quant8.scale_name(k): st[quant8.scale_name(k)][lo // quant8.BLOCK: -(-hi // quant8.BLOCK)]
-                            for k in names})
-            for xs, x in zip(out, (piece, master[lo:hi], grad[lo:hi], step, NO_DECAY)):
+            for xs, x in zip(out, (_state_piece(st, names, lo, hi), master[lo:hi], grad[lo:hi], step, NO_DECAY)):
                 xs.append(x)
     return out
 
+
+def _fused_blocks(fused: Fused, names: Sequence[str], states: list[dict[str, Any]], masters: list[torch.Tensor],
+                  grads: list[torch.Tensor], steps: list[float], decays: list[Decay]) -> tuple[list[Any], ...]:
+    """The whole blocks of each piece of at least COMPILED_MIN_NUMEL elements through ``fused``, its decay
+    first (a spectral one eagerly: its rows span blocks). Returns what is left for the eager path: the small
+    pieces and the others' partial last blocks; everything, from the piece whose kernel cannot be built on."""
+    out: tuple[list[Any], ...] = ([], [], [], [], [])
+    ok = True
+    for st, master, grad, step, dec in zip(states, masters, grads, steps, decays):
+        n = master.numel()
+        if ok and n >= COMPILED_MIN_NUMEL:
+            if dec.rank1 or dec.columns is not None:
+                dec.apply_(master)
+                dec = NO_DECAY
+            ok = fused(master, grad, st, step, dec.keep)
+            if ok:
+                whole = n // quant8.BLOCK * quant8.BLOCK
+                if whole == n:
+                    continue
+                st, master, grad = _state_piece(st, names, whole, n), master[whole:], grad[whole:]  # dec: a scalar's
+        for xs, x in zip(out, (st, master, grad, step, dec)):
+            xs.append(x)
+    return out

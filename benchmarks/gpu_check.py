@@ -1,7 +1,7 @@
-"""One-GPU check: kernel parity against the float64 reference, step time and memory vs torch fused AdamW,
-fp16 autocast with adams_dist.GradScaler, and an NCCL smoke test, written to one JSON. Under 5 minutes on
-one GPU; ``--cpu-only`` (chosen by itself without CUDA) runs the same checks small on the CPU, with gloo,
-so CI keeps the script working.
+"""One-GPU check: kernel parity against the float64 reference (and of the compiled 8-bit kernel against the
+eager one), step time and memory vs torch fused AdamW, fp16 autocast with adams_dist.GradScaler, and an NCCL
+smoke test, written to one JSON. Under 5 minutes on one GPU; ``--cpu-only`` (chosen by itself without CUDA)
+runs the same checks small on the CPU, with gloo, so CI keeps the script working.
 
     bash scripts/gpu_check.sh [--cpu-only] [--out benchmarks/results/gpu_check.json]
 
@@ -105,6 +105,8 @@ def timed_steps(n: int, device: str, repeats: int) -> dict[str, Any]:
         "Adams_ZeRO auto": lambda ps: adams_dist.Adams_ZeRO(ps),
         "Adams_ZeRO compiled": lambda ps: adams_dist.Adams_ZeRO(ps, kernel="compiled"),
         "Adams_ZeRO bf16 moments": lambda ps: adams_dist.Adams_ZeRO(ps, moment_dtype=torch.bfloat16),
+        # on CUDA "auto" is the compiled path: decode, update and encode in one kernel per tensor
+        "Adams_ZeRO 8bit moments": lambda ps: adams_dist.Adams_ZeRO(ps, moment_dtype="8bit"),
         "AdamATan2 auto": lambda ps: adams_dist.AdamATan2(ps),
         "AdamW auto": lambda ps: adams_dist.AdamW(ps),
     }
@@ -137,10 +139,34 @@ def timed_steps(n: int, device: str, repeats: int) -> dict[str, Any]:
         del opt, params
         if device == "cuda":
             torch.cuda.empty_cache()
-    base = out["rows"]["torch AdamW fused"]["step_ms"]
-    for row in out["rows"].values():
+    base, fp32 = out["rows"]["torch AdamW fused"]["step_ms"], out["rows"]["Adams_ZeRO auto"]["step_ms"]
+    for name, row in out["rows"].items():
         row["vs_fused_adamw"] = row["step_ms"] / base
+        if "moments" in name:  # the memory options must not be slower than fp32 moments on the same path
+            row["vs_fp32_moments"] = row["step_ms"] / fp32
     return out
+
+
+def eight_bit(device: str) -> dict[str, Any]:
+    """8-bit moments, the compiled kernel (decode, update, encode in one pass) against the eager 8-bit path:
+    at most one code step apart (the kernel's fused multiply-adds move a few moments across a midpoint)."""
+    runs = {}
+    for kernel in ("compiled", "foreach"):
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g).to(device)) for s in ((1024, 1031), (70001,))]
+        opt = adams_dist.Adams_ZeRO(params, lr=1e-2, moment_dtype="8bit", kernel=kernel)
+        for _ in range(STEPS):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).to(device)
+            opt.step()
+        runs[kernel] = ([p.detach().cpu() for p in params],
+                        [opt.state[p][k].cpu().int() for p in params for k in ("exp_avg", "exp_avg_sq")])
+    (got_p, got_c), (want_p, want_c) = runs["compiled"], runs["foreach"]
+    code_steps = max(int((a - b).abs().max()) for a, b in zip(got_c, want_c))
+    moved = max(float((a != b).float().mean()) for a, b in zip(got_c, want_c))
+    far = max(float(((a - b).abs() > 1e-5 + 1e-4 * b.abs()).float().mean()) for a, b in zip(got_p, want_p))
+    return {"max_code_steps": code_steps, "codes_moved": moved, "weights_apart": far,
+            "ok": code_steps <= 1 and moved < 0.01 and far < 0.01}
 
 
 def amp(device: str) -> dict[str, Any]:
@@ -225,11 +251,18 @@ def main() -> int:
             report["timing"].append({"params": n, "skipped": "not enough free GPU memory"})
             continue
         report["timing"].append(timed_steps(n, device, repeats=10 if gpu else 3))
+    if gpu:
+        report["eight_bit"] = eight_bit(device)
+        row = report["eight_bit"]
+        log(f"8-bit moments, compiled vs eager: {'ok' if row['ok'] else 'FAILED'} {row}")
+    else:
+        report["eight_bit"] = "skipped: cpu (tests/unit/test_quant8_compiled.py checks it there)"
     report["amp"] = amp(device)
     log(f"fp16 autocast + GradScaler: {'ok' if report['amp']['ok'] else 'FAILED'} {report['amp']}")
     report["smoke"] = smoke("nccl" if gpu else "gloo", device)
     log(f"process group of one ({report['smoke']['backend']}): diff {report['smoke']['max_abs_diff']:.1e}")
-    report["ok"] = all(r["ok"] for r in report["parity"]) and report["amp"]["ok"] and report["smoke"]["ok"]
+    report["ok"] = (all(r["ok"] for r in report["parity"]) and report["amp"]["ok"] and report["smoke"]["ok"]
+                    and (not gpu or report["eight_bit"]["ok"]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1, default=lambda v: None if v != v else v))
     log(f"{'ok' if report['ok'] else 'FAILED'}; results in {args.out}")

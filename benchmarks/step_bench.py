@@ -49,6 +49,10 @@ COMPETITORS = {
                                                                                     moment_dtype=torch.bfloat16),
     # 8-bit blockwise moments: a quarter of the fp32 moments' bytes, dequantized and requantized each step
     "adams_dist Adams_ZeRO 8bit moments": lambda ps: adams_dist.Adams_ZeRO(ps, moment_dtype="8bit"),
+    # compiled: decode, update and encode in one kernel per tensor, no float copy of the moments
+    "adams_dist Adams_ZeRO compiled 8bit moments": lambda ps: adams_dist.Adams_ZeRO(ps, kernel="compiled",
+                                                                                    moment_dtype="8bit"),
+    "adams_dist AdamW compiled 8bit moments": lambda ps: adams_dist.AdamW(ps, kernel="compiled", moment_dtype="8bit"),
     "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, foreach=True),
     "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, fused=True),
     "adams-torch Adams_ZeRO": lambda ps: adams.Adams_ZeRO(ps),

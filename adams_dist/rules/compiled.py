@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .. import spectral
+from .. import quant8, spectral
 
 # Below this many elements a compiled call's fixed cost (guards, wrappers) exceeds what fusion saves.
 COMPILED_MIN_NUMEL = 1 << 15
@@ -31,7 +31,7 @@ _ONE_LOOP = {name: 10_000 for name in ("realize_opcount_threshold", "realize_cpu
                                        "realize_reads_threshold", "realize_acc_reads_threshold",
                                        "realize_cpu_acc_reads_threshold")}
 
-_compiled_cache: dict[tuple[Callable, int, int], Callable] = {}
+_compiled_cache: dict[tuple, Callable] = {}
 
 
 def compile_supported(device: torch.device) -> bool:
@@ -74,16 +74,6 @@ def compiled_kernel(name: str, rule_fn: Callable, flat: int, rank1: int) -> Call
     """
     key = (rule_fn, flat, rank1)
     if key not in _compiled_cache:
-        import torch._inductor.config as inductor_config
-
-        options: dict[str, Any] = {k: v for k, v in _ONE_LOOP.items() if hasattr(inductor_config, k)}
-        # No on-disk graph cache: where a scalar is both a kernel input and baked in as a constant (a
-        # beta used by mul_ and by addcmul_'s value=), it served a kernel compiled for another value.
-        options["fx_graph_cache"] = False
-        # Let the C++ compiler contract a * b + c into one FMA (inductor turns that off by default): the
-        # rules' polynomials and moment updates are half as many vector ops, and each FMA rounds once.
-        options["cpp.enable_floating_point_contract_flag"] = "fast"
-
         def kernel(flat_pieces, rank1_pieces, update: Callable) -> None:
             for p, tensors, keep in flat_pieces:
                 p.mul_(keep).add_(update(*tensors))
@@ -91,12 +81,48 @@ def compiled_kernel(name: str, rule_fn: Callable, flat: int, rank1: int) -> Call
                 spectral.rank1_(p, wv, vt, coef)
                 p.add_(update(*tensors))
 
-        # A code object of its own per (rule, piece counts): torch.compile caps the graphs kept per code object.
-        kind = f"{name}_{flat}_flat_{rank1}_rank1_kernel"
-        code = kernel.__code__.replace(co_name=kind)
-        kernel = types.FunctionType(code, kernel.__globals__, kind, kernel.__defaults__, kernel.__closure__)
-        _compiled_cache[key] = torch.compile(kernel, dynamic=True, fullgraph=True, options=options)
+        _compiled_cache[key] = _compile(kernel, f"{name}_{flat}_flat_{rank1}_rank1_kernel")
     return _compiled_cache[key]
+
+
+def compiled_8bit_kernel(name: str, rule_fn: Callable) -> Callable:
+    """The update of one big tensor whose state is 8-bit codes (``moment_dtype="8bit"``, quant8.py), in one
+    compiled call: decode, ``p = keep * p + update(g, *state)``, encode, with no float copy of the state
+    in memory.
+
+    Called as ``kernel(p, g, codes, scales, tables, update)`` on ``(blocks, BLOCK)`` views of whole blocks:
+    per state tensor its codes, scales and ``(TABLE, first, above)`` tables. The codes and scales are
+    written in place; the decay is applied before.
+    """
+    key = (rule_fn, "8bit")
+    if key not in _compiled_cache:
+        def kernel(p, g, codes, scales, tables, keep, update: Callable) -> None:
+            state = [quant8.decode_blocks(c, s, table[0], p.dtype) for c, s, table in zip(codes, scales, tables)]
+            p.mul_(keep).add_(update(g, *state))  # update changes the decoded state in place
+            for x, c, s, table in zip(state, codes, scales, tables):
+                quant8.encode_blocks_(x, c, s, table[1], table[2])
+
+        # Every table index is in range by construction (a code, or the top 16 bits of a float32 >= 0), so the
+        # per-vector bounds checks go: the 8 table reads per element are most of this kernel's time (-20%).
+        _compiled_cache[key] = _compile(kernel, f"{name}_8bit_kernel", assert_indirect_indexing=False)
+    return _compiled_cache[key]
+
+
+def _compile(kernel: Callable, kind: str, **extra_options: Any) -> Callable:
+    """torch.compile of ``kernel`` as a code object of its own named ``kind`` (torch.compile caps the graphs
+    kept per code object), with dynamic shapes and the options that keep each update one loop."""
+    import torch._inductor.config as inductor_config
+
+    options: dict[str, Any] = {k: v for k, v in {**_ONE_LOOP, **extra_options}.items() if hasattr(inductor_config, k)}
+    # No on-disk graph cache: where a scalar is both a kernel input and baked in as a constant (a
+    # beta used by mul_ and by addcmul_'s value=), it served a kernel compiled for another value.
+    options["fx_graph_cache"] = False
+    # Let the C++ compiler contract a * b + c into one FMA (inductor turns that off by default): the
+    # rules' polynomials and moment updates are half as many vector ops, and each FMA rounds once.
+    options["cpp.enable_floating_point_contract_flag"] = "fast"
+    code = kernel.__code__.replace(co_name=kind)
+    kernel = types.FunctionType(code, kernel.__globals__, kind, kernel.__defaults__, kernel.__closure__)
+    return torch.compile(kernel, dynamic=True, fullgraph=True, options=options)
 
 
 def one_graph_per_shape_kind() -> contextlib.AbstractContextManager:

@@ -25,12 +25,12 @@ from typing import Any
 
 import torch
 
-from .. import spectral
+from .. import quant8, spectral
 from ..decay import Decay
 from . import compiled as compiled_kernels
 from .background import BackgroundBuilds
 from .base import Rule, Tensors, apply_decays, widened
-from .compiled import COMPILED_MIN_NUMEL, compiled_kernel, one_graph_per_shape_kind, without_bases
+from .compiled import COMPILED_MIN_NUMEL, compiled_8bit_kernel, compiled_kernel, one_graph_per_shape_kind, without_bases
 
 _STEP_ARGS = ("lr", "step")
 # Elements per eager chunk and CPU thread: 512 KB per tensor, a few MB with the temporaries, so they
@@ -177,11 +177,31 @@ class ElementwiseRule(Rule):
             make_kernel()(*args)
             return True
         except Exception as err:  # build errors surface before the kernel touches any tensor
-            if strict:
-                raise RuntimeError(f"kernel='compiled' was requested but torch.compile failed: {err}") from err
-            warnings.warn(f"{self.name} rule: compiled kernel unavailable ({type(err).__name__}: {err}); "
-                          "running the same update through the eager path", RuntimeWarning, stacklevel=5)
-            return False
+            return self._unavailable(err, strict)
+
+    def update_8bit(self, p: torch.Tensor, g: torch.Tensor, state: dict[str, torch.Tensor], step: float,
+                    group: dict[str, Any], lr: float, keep: float, strict: bool) -> bool:
+        """``p = keep * p + update(g, *state)`` over the whole 8-bit blocks of one big tensor whose state is
+        8-bit codes (quant8.py), in one compiled call: the caller updates the partial last block. False when
+        the kernel cannot be built (after a warning; an error under ``strict``), nothing changed."""
+        whole = p.numel() // quant8.BLOCK * quant8.BLOCK
+        blocks = lambda t: t.view(-1)[:whole].view(-1, quant8.BLOCK)  # noqa: E731
+        args = (blocks(p), blocks(g), tuple(blocks(state[k]) for k in self.state_names),
+                tuple(state[quant8.scale_name(k)][: whole // quant8.BLOCK] for k in self.state_names),
+                tuple(quant8.tables(state[k].dtype, p.device) for k in self.state_names), keep,
+                self.make_update(group, lr, step))
+        try:
+            compiled_8bit_kernel(self.name, self.rule_fn)(*without_bases(args))
+            return True
+        except Exception as err:
+            return self._unavailable(err, strict)
+
+    def _unavailable(self, err: Exception, strict: bool) -> bool:
+        if strict:
+            raise RuntimeError(f"kernel='compiled' was requested but torch.compile failed: {err}") from err
+        warnings.warn(f"{self.name} rule: compiled kernel unavailable ({type(err).__name__}: {err}); "
+                      "running the same update through the eager path", RuntimeWarning, stacklevel=6)
+        return False
 
     def update_small(self, params: Tensors, tensors: Sequence[tuple[torch.Tensor, ...]], steps: Sequence[float],
                      decays: Sequence[Decay], group: dict[str, Any], lr: float,
