@@ -43,6 +43,8 @@ OPTIMIZERS = {
         ps, master_remainder=True, moment_dtype=torch.bfloat16),
     # m and v as 8-bit codes with a float32 scale per 256 elements (adams_dist/quant8.py)
     "adams_dist Adams_ZeRO 8bit moments": lambda ps: adams_dist.Adams_ZeRO(ps, moment_dtype="8bit"),
+    "adams_dist Adams_ZeRO compiled 8bit moments": lambda ps: adams_dist.Adams_ZeRO(ps, moment_dtype="8bit",
+                                                                                    kernel="compiled"),
     "adams_dist Adams_ZeRO 8bit moments, remainder": lambda ps: adams_dist.Adams_ZeRO(
         ps, master_remainder=True, moment_dtype="8bit"),
     "adams_dist Adams_ZeRO 8bit moments, no master": lambda ps: adams_dist.Adams_ZeRO(
