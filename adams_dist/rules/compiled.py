@@ -1,6 +1,7 @@
 """torch.compile of a rule's update function, fused with each tensor's decay into one pass over memory.
 
-One code object per (rule, pieces per call), compiled once per process with dynamic shapes. The scalars (lr,
+One code object per (rule, pieces per call), and per rule one for state stored as 8-bit codes (decoded and
+encoded inside the kernel), compiled once per process with dynamic shapes. The scalars (lr,
 step, hyperparameters and what the rule derives from them) are kernel inputs, not constants, so a
 new step or learning rate reuses the kernel instead of compiling another.
 """

@@ -7,7 +7,8 @@ only on the same element of its inputs) and use ``rules.atan2`` rather than ``to
 
 - compiled (``kernel="compiled"``, tensors of at least ``COMPILED_MIN_NUMEL`` elements): one fused
   pass per tensor, ``p = keep*p + delta`` or, under spectral decay, ``p - coef*(W v) v^T + delta``,
-  up to ``GROUP_PIECES`` tensors per compiled call;
+  up to ``GROUP_PIECES`` tensors per compiled call; with 8-bit state (``update_8bit``) one tensor per call,
+  its codes decoded and encoded in the same pass;
 - eager, large tensors: ``update`` over fixed-size chunks, so its temporaries stay small and in cache
   instead of making full-size passes over memory;
 - eager, small tensors: concatenated into one flat tensor per state and updated in one call, so the
