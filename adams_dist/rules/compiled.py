@@ -91,9 +91,9 @@ def compiled_8bit_kernel(name: str, rule_fn: Callable) -> Callable:
     compiled call: decode, ``p = keep * p + update(g, *state)``, encode, with no float copy of the state
     in memory.
 
-    Called as ``kernel(p, g, codes, scales, tables, update)`` on ``(blocks, BLOCK)`` views of whole blocks:
-    per state tensor its codes, scales and ``(TABLE, first, above)`` tables. The codes and scales are
-    written in place; the decay is applied before.
+    Called as ``kernel(p, g, codes, scales, tables, keep, update)`` on ``(blocks, BLOCK)`` views of whole
+    blocks: per state tensor its codes, scales and ``(TABLE, first, above)`` tables. The codes and scales are
+    written in place. ``keep`` is a scalar decay; a spectral one is applied before (its rows span blocks).
     """
     key = (rule_fn, "8bit")
     if key not in _compiled_cache:
