@@ -4,27 +4,26 @@ A step reads top-down: (1) gradients in: this rank's averaged gradient rows (``s
 reduce-scatter per bucket under ZeRO, or the local gradient); (2) one small all-reduce
 (``control``) of the gradient-norm partial, which params got a gradient anywhere, and the spectral
 ``W^T u`` partials; (3) decay (``decay``) and (4) the rule update of this rank's master rows
-(``rules``); (5) parameters out: updated rows written back (all-gathered under ZeRO).
+(``update``, running ``rules``); (5) parameters out: updated rows written back (all-gathered under ZeRO).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch.optim.optimizer import Optimizer
 
-from . import ablations, ddp, decay, fsdp, gradients, state_io, validation
+from . import ablations, ddp, decay, fsdp, gradients, state_io, update, validation
 from .comm import DEFAULT_TIMEOUT
 from .control import Control, agreement_values
 from .layout import Slot
 from .rules import Rule
 from .rules.background import BackgroundBuilds
-from .shards import Grads, Shards, make_shards
+from .shards import Shards, make_shards
 from .storage import Storage
 
 
@@ -241,7 +240,7 @@ class ShardedOptimizer(Optimizer):
         for gi, group in enumerate(self.param_groups):
             slots = [s for s in active if s.group_index == gi]
             if slots:
-                self._update_group(group, slots, grads, control.wtu, wv)
+                update.update_group(self, group, slots, grads, control.wtu, wv)
         del grads
         shards.discard()  # free the gradient shards before the all-gather buffers exist
 
@@ -270,59 +269,6 @@ class ShardedOptimizer(Optimizer):
 
     def _agreement_values(self, readable: bool = False) -> dict[str, Any]:
         return agreement_values(self._shards.backward_passes, self._shards.zero_grads, self.param_groups, readable)
-
-    def _update_group(self, group: dict[str, Any], slots: list[Slot], grads: Grads,
-                      wtu: dict[int, torch.Tensor], wv: dict[int, torch.Tensor]) -> None:
-        lr = float(group["lr"])
-        states = [self.state[s.param] for s in slots]
-        for st in states:
-            st["step"] += 1
-        steps = [float(st["step"]) for st in states]
-        stored, states = states, [self.storage.wide_master(st) for st in states]  # computes on wide masters
-        decays = [decay.plan(s, st, group, lr, self.uses_spectral_decay, wtu.get(s.index), wv.get(s.index))
-                  for s, st in zip(slots, states)]
-        if self._ablation_cfg:  # AdamATan2/AdamW ablations: their params take a per-tensor path
-            ablations.check_unchanged(group, self._ablation_cfg[slots[0].group_index])
-            for slot, st, t, dec in zip(slots, states, steps, decays):
-                if slot.index in self._ablated:
-                    dec.apply_(st["master_param"])
-                    self._ablated[slot.index].update(self.rule.name, st, grads[slot.index], t, group, lr)
-            keep = [i for i, s in enumerate(slots) if s.index not in self._ablated]
-            slots, states = [slots[i] for i in keep], [states[i] for i in keep]
-            steps, decays = [steps[i] for i in keep], [decays[i] for i in keep]
-            if not slots:
-                return
-        masters = [st["master_param"] for st in states]
-        full = [g if (g := grads[s.index]) is not None else torch.zeros_like(m) for s, m in zip(slots, masters)]
-        apply = functools.partial(self._apply_rule, group, lr)
-        if self.moment_dtype == "8bit":
-            update_8bit = getattr(self.rule, "update_8bit", None)  # element-wise rules: decode, update, encode fused
-            fused = (functools.partial(self._fused_8bit, update_8bit, group, lr)
-                     if update_8bit is not None and self.kernel_path == "compiled" else None)
-            self.storage.apply_8bit(apply, self.rule.state_names, states, masters, full, steps, decays, fused)
-        else:
-            apply(states, masters, full, steps, decays)
-        self.storage.store_masters(slots, stored, masters, steps)
-
-    def _apply_rule(self, group: dict[str, Any], lr: float, states: list[dict[str, Any]], masters: list[torch.Tensor],
-                    grads: list[torch.Tensor], steps: list[float], decays: list[decay.Decay]) -> None:
-        rule_state = {name: [st[name] for st in states] for name in self.rule.state_names}
-        path = self.kernel_path
-        compiled = self._builds if path == "background" else path == "compiled"
-        ok = self.rule.apply(masters, grads, rule_state, steps, group, lr, self._reduce_min, decays,
-                             compiled=compiled, strict=self.kernel == "compiled")
-        if compiled and not ok:  # a broken toolchain must not stop training when the user did not ask for it
-            self.kernel = "foreach"
-
-    def _fused_8bit(self, update_8bit: Callable[..., bool], group: dict[str, Any], lr: float, master: torch.Tensor,
-                    grad: torch.Tensor, st: dict[str, Any], step: float, keep: float) -> bool:
-        ok = update_8bit(master, grad, st, step, group, lr, keep, strict=self.kernel == "compiled")
-        if not ok:  # as in _apply_rule: the eager path from here on
-            self.kernel = "foreach"
-        return ok
-
-    def _reduce_min(self, t: torch.Tensor) -> torch.Tensor:
-        return self._shards.reduce_min(t, self._device)
 
     @property
     def kernel_path(self) -> str:
