@@ -47,6 +47,8 @@ COMPETITORS = {
     "adams_dist Adams_ZeRO bf16 moments": lambda ps: adams_dist.Adams_ZeRO(ps, moment_dtype=torch.bfloat16),
     "adams_dist Adams_ZeRO compiled bf16 moments": lambda ps: adams_dist.Adams_ZeRO(ps, kernel="compiled",
                                                                                     moment_dtype=torch.bfloat16),
+    "adams_dist AdamW compiled bf16 moments": lambda ps: adams_dist.AdamW(ps, kernel="compiled",
+                                                                          moment_dtype=torch.bfloat16),
     # 8-bit blockwise moments: a quarter of the fp32 moments' bytes, dequantized and requantized each step
     "adams_dist Adams_ZeRO 8bit moments": lambda ps: adams_dist.Adams_ZeRO(ps, moment_dtype="8bit"),
     # compiled: decode, update and encode in one kernel per tensor, no float copy of the moments

@@ -9,7 +9,9 @@ new step or learning rate reuses the kernel instead of compiling another.
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
+import threading
 import types
 from collections.abc import Callable
 from typing import Any
@@ -123,7 +125,58 @@ def _compile(kernel: Callable, kind: str, **extra_options: Any) -> Callable:
     options["cpp.enable_floating_point_contract_flag"] = "fast"
     code = kernel.__code__.replace(co_name=kind)
     kernel = types.FunctionType(code, kernel.__globals__, kind, kernel.__defaults__, kernel.__closure__)
-    return torch.compile(kernel, dynamic=True, fullgraph=True, options=options)
+    compiled = torch.compile(kernel, dynamic=True, fullgraph=True, options=options)
+    _widen_lowp_loops_in_builds()
+
+    @functools.wraps(compiled)
+    def run(*args: Any) -> Any:
+        _building.ours = True  # a build, if this call traces, steps our bf16 loops at full width
+        try:
+            return compiled(*args)
+        finally:
+            _building.ours = False
+
+    return run
+
+
+_building = threading.local()  # .ours: this thread is in one of our kernels' calls (and builds)
+
+
+def _widen_lowp_loops_in_builds() -> None:
+    """Inductor's CPU code steps a loop by one vector of float32 unless every node of the kernel has bf16 in
+    it; in our kernels the copy of the updated fp32 master into its storage has none. A kernel with bf16
+    moments then loads and stores them as half vectors with masked moves: 2-3x slower than the same kernel
+    with fp32 moments on an AVX-512 host, where a loop stepped by a whole bf16 vector is faster than
+    fp32 (AdamW kernel, 4M elements: 2.6 vs 3.0 ms). So in our builds, and in no other thread's, a
+    pointwise kernel that holds one low-precision float type steps by that type's vector (two float32
+    vectors a step), where its loop is at least that long. Inductor's own choice everywhere else; a torch
+    without this hook keeps its own choice."""
+    try:
+        from torch._inductor import virtualized
+        from torch._inductor.codegen import cpp
+        select, lowp_of, bodies_of = cpp.TilingSelect.select_tiling, cpp.get_loop_body_lowp_fp, cpp._get_loop_body
+        pick_isa = cpp.cpu_vec_isa.pick_vec_isa
+    except (ImportError, AttributeError):
+        return
+    if getattr(select, "widens_lowp", False):
+        return
+
+    def select_tiling(self, fn_list, var_sizes_list):  # type: ignore[no-untyped-def]
+        factors, indices, stats = select(self, fn_list, var_sizes_list)
+        if not getattr(_building, "ours", False) or len(factors) != 1 or any(red for _, red in var_sizes_list):
+            return factors, indices, stats
+        lowp = {lowp_of(body)[0] for body in bodies_of(fn_list)} - {None}
+        isa = pick_isa()
+        if len(lowp) != 1 or factors[0] != isa.nelements(dtype=torch.float32):
+            return factors, indices, stats
+        wide = isa.nelements(dtype=lowp.pop())
+        sizes = max(var_sizes_list, key=lambda s: len(s[0]))[0]
+        if virtualized.V.graph.sizevars.optimization_hint(sizes[indices[0]], fallback=0) < wide:
+            return factors, indices, stats
+        return [wide], indices, stats
+
+    select_tiling.widens_lowp = True  # type: ignore[attr-defined]
+    cpp.TilingSelect.select_tiling = select_tiling  # type: ignore[method-assign]
 
 
 def one_graph_per_shape_kind() -> contextlib.AbstractContextManager:
