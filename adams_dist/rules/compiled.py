@@ -147,10 +147,10 @@ def _widen_lowp_loops_in_builds() -> None:
     it; in our kernels the copy of the updated fp32 master into its storage has none. A kernel with bf16
     moments then loads and stores them as half vectors with masked moves: 2-3x slower than the same kernel
     with fp32 moments on an AVX-512 host, where a loop stepped by a whole bf16 vector is faster than
-    fp32 (AdamW kernel, 4M elements: 2.6 vs 3.0 ms). So in our builds, and in no other thread's, a
-    pointwise kernel that holds one low-precision float type steps by that type's vector (two float32
-    vectors a step), where its loop is at least that long. Inductor's own choice everywhere else; a torch
-    without this hook keeps its own choice."""
+    fp32 (AdamW kernel, 4M elements: 2.1 vs 2.4 ms; benchmarks/moment_kernel_bench.py). So in our
+    builds, and in no other thread's, a pointwise kernel that holds one low-precision float type steps by
+    that type's vector (two float32 vectors a step), where its loop is at least that long. Inductor's own
+    choice everywhere else, and in a torch whose inductor lacks these internals."""
     try:
         from torch._inductor import virtualized
         from torch._inductor.codegen import cpp
@@ -162,18 +162,28 @@ def _widen_lowp_loops_in_builds() -> None:
         return
 
     def select_tiling(self, fn_list, var_sizes_list):  # type: ignore[no-untyped-def]
-        factors, indices, stats = select(self, fn_list, var_sizes_list)
-        if not getattr(_building, "ours", False) or len(factors) != 1 or any(red for _, red in var_sizes_list):
-            return factors, indices, stats
+        chosen = select(self, fn_list, var_sizes_list)  # (factors, indices[, stats]), by torch version
+        if not getattr(_building, "ours", False):
+            return chosen
+        try:
+            wide = _lowp_width(chosen[0], chosen[1], fn_list, var_sizes_list)
+        except Exception:  # an inductor whose internals differ: its own choice
+            return chosen
+        return chosen if wide is None else ([wide], *chosen[1:])
+
+    def _lowp_width(factors, indices, fn_list, var_sizes_list):  # type: ignore[no-untyped-def]
+        """The loop width to use instead of ``factors``, or None to keep them."""
+        if len(factors) != 1 or any(red for _, red in var_sizes_list):
+            return None
         lowp = {lowp_of(body)[0] for body in bodies_of(fn_list)} - {None}
         isa = pick_isa()
         if len(lowp) != 1 or factors[0] != isa.nelements(dtype=torch.float32):
-            return factors, indices, stats
+            return None
         wide = isa.nelements(dtype=lowp.pop())
         sizes = max(var_sizes_list, key=lambda s: len(s[0]))[0]
         if virtualized.V.graph.sizevars.optimization_hint(sizes[indices[0]], fallback=0) < wide:
-            return factors, indices, stats
-        return [wide], indices, stats
+            return None
+        return wide
 
     select_tiling.widens_lowp = True  # type: ignore[attr-defined]
     cpp.TilingSelect.select_tiling = select_tiling  # type: ignore[method-assign]
