@@ -39,10 +39,11 @@ def atan2_nonneg(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     q = q * s - 0.33333152734402277
     r = z + z * s * q
     r = torch.where(ay > x, 1.5707963267948966 - r, r)  # pi/2 - atan(z)
-    # copysign(r, y) as selects. Where y is +-0, r is 0 (or NaN, from x), and y - r is the signed zero (or
-    # NaN); NaN in y stays NaN. Inductor compiles torch.copysign to a library call per vector on CPU, which spills every
-    # register of the loop around it; a bitwise OR of the sign bit runs as fast at 16 float lanes, but
-    # inductor writes its bit casts as scalar loops at the 32 lanes of a kernel with bf16 moments.
+    # copysign(r, y) as selects. Where y is +-0, r is 0 (or NaN, from x), and y - r is the signed zero
+    # (or NaN); NaN in y stays NaN. Inductor compiles torch.copysign to a library call per vector on CPU,
+    # which spills every register of the loop around it; a bitwise OR of the sign bit runs as fast at 16
+    # float lanes, but inductor writes its bit casts as scalar loops at the 32 lanes of a kernel with bf16
+    # moments.
     return torch.where(y > 0, r, torch.where(y < 0, -r, y - r))
 
 
