@@ -39,12 +39,17 @@ def atan2_nonneg(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     q = q * s - 0.33333152734402277
     r = z + z * s * q
     r = torch.where(ay > x, 1.5707963267948966 - r, r)  # pi/2 - atan(z)
-    # copysign(r, y) as selects. Where y is +-0, r is 0 (or NaN, from x), and y - r is the signed zero
-    # (or NaN); NaN in y stays NaN. Inductor compiles torch.copysign to a library call per vector on CPU,
-    # which spills every register of the loop around it; a bitwise OR of the sign bit runs as fast at 16
-    # float lanes, but inductor writes its bit casts as scalar loops at the 32 lanes of a kernel with bf16
-    # moments.
-    return torch.where(y > 0, r, torch.where(y < 0, -r, y - r))
+    return _copysign_nonneg(r, y)
+
+
+def _copysign_nonneg(r: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``torch.copysign(r, y)`` for ``r >= 0``: y's sign bit OR-ed into r. Inductor compiles copysign to a
+    library call per vector on CPU, which spills every register of the loop around it."""
+    bits = {4: torch.int32, 2: torch.int16}.get(r.element_size())
+    if bits is None or y.dtype != r.dtype:
+        return torch.copysign(r, y)
+    sign_bit = -(1 << (8 * r.element_size() - 1))
+    return (r.view(bits) | (y.view(bits) & sign_bit)).view(r.dtype)
 
 
 def atan2(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -175,7 +175,12 @@ def _widen_lowp_loops_in_builds() -> None:
         """The loop width to use instead of ``factors``, or None to keep them."""
         if len(factors) != 1 or any(red for _, red in var_sizes_list):
             return None
-        lowp = {lowp_of(body)[0] for body in bodies_of(fn_list)} - {None}
+        bodies = bodies_of(fn_list)
+        blocks = [block for body in bodies for block in (body.root_block, *body.subblocks.values())]
+        nodes = [n for block in blocks for n in block.graph.nodes]
+        if any(n.target == "to_dtype_bitcast" for n in nodes):  # bit casts become scalar loops at that width
+            return None
+        lowp = {lowp_of(body)[0] for body in bodies} - {None}
         isa = pick_isa()
         if len(lowp) != 1 or factors[0] != isa.nelements(dtype=torch.float32):
             return None
