@@ -149,8 +149,8 @@ def _widen_lowp_loops_in_builds() -> None:
     with fp32 moments on an AVX-512 host, where a loop stepped by a whole bf16 vector is faster than
     fp32 (AdamW kernel, 4M elements: 2.1 vs 2.4 ms; benchmarks/moment_kernel_bench.py). So in our
     builds, and in no other thread's, a pointwise kernel that holds one low-precision float type steps by
-    that type's vector (two float32 vectors a step), where its loop is at least that long. Inductor's own
-    choice everywhere else, and in a torch whose inductor lacks these internals."""
+    that type's vector (two float32 vectors a step), where its loop is at least that long and holds no bit
+    cast. Inductor's own choice everywhere else, and in a torch whose inductor lacks these internals."""
     try:
         from torch._inductor import virtualized
         from torch._inductor.codegen import cpp
@@ -176,14 +176,13 @@ def _widen_lowp_loops_in_builds() -> None:
         if len(factors) != 1 or any(red for _, red in var_sizes_list):
             return None
         bodies = bodies_of(fn_list)
-        blocks = [block for body in bodies for block in (body.root_block, *body.subblocks.values())]
-        nodes = [n for block in blocks for n in block.graph.nodes]
-        if any(n.target == "to_dtype_bitcast" for n in nodes):  # bit casts become scalar loops at that width
-            return None
         lowp = {lowp_of(body)[0] for body in bodies} - {None}
         isa = pick_isa()
         if len(lowp) != 1 or factors[0] != isa.nelements(dtype=torch.float32):
             return None
+        blocks = [block for body in bodies for block in (body.root_block, *body.subblocks.values())]
+        if any(n.target == "to_dtype_bitcast" for block in blocks for n in block.graph.nodes):
+            return None  # bit casts (the atan2 rules' sign) become scalar loops at that width
         wide = isa.nelements(dtype=lowp.pop())
         sizes = max(var_sizes_list, key=lambda s: len(s[0]))[0]
         if virtualized.V.graph.sizevars.optimization_hint(sizes[indices[0]], fallback=0) < wide:

@@ -1,6 +1,7 @@
 """``moment_dtype=torch.bfloat16`` under ``kernel="compiled"``: the fused kernels widen the stored moments, update
 and round them back in one pass, against the eager bf16 path (which test_rules_reference.py checks against the
-float64 reference); and their loops step by a whole bf16 vector (rules/compiled.py)."""
+float64 reference); and, in kernels without bit casts (AdamW's), their loops step by a whole bf16 vector
+(rules/compiled.py)."""
 
 from __future__ import annotations
 
