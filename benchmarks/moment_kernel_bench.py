@@ -5,8 +5,7 @@
 Each kernel is ``rules.compiled.compiled_kernel`` over one flat tensor with scalar decay (the engine's own
 kernels and options), called round-robin in one process on 1 thread. ``--inductor-tiling`` builds them
 with inductor's own loop width instead of the full bf16 vector our builds use where a kernel has no bit
-casts (rules/compiled.py), for a
-before/after comparison in two runs.
+casts (rules/compiled.py), for a before/after comparison in two runs.
 """
 
 from __future__ import annotations
