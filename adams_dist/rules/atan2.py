@@ -7,9 +7,12 @@ atan2 to within 2 ulp in float32 (tests/test_atan2.py measures it against float6
 special values (signed zeros, +-pi/2 on the axis, NaN in, NaN out). float64 inputs take
 ``torch.atan2``, since the polynomial is only accurate to float32.
 
-Method: reduce to z = min(|y|, x) / max(|y|, x) in [0, 1], evaluate atan(z) = z + z*s*Q(s) with
-s = z^2 and Q a degree-7 near-minimax fit (relative error 1.7e-8 in exact arithmetic), reflect
-with pi/2 - atan(z) when |y| > x, and copy the sign of y.
+Method: reduce to z = y/x when |y| <= x, else z = x/y, so that |z| <= 1 and z carries y's sign;
+evaluate the odd atan(z) = z + z*s*Q(s) with s = z^2 and Q a degree-7 near-minimax fit (relative
+error 1.7e-8 in exact arithmetic); where |y| > x, reflect with +-pi/2 - atan(z). Every sign (a signed zero
+included) comes from y through the division and the product, with no bit casts: inductor writes a bit
+cast on CPU as a scalar loop through memory per vector, which cost 4x the whole loop on one host and kept
+bf16 loops half a vector wide.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ def atan2_nonneg(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``torch.atan2(y, x)`` for ``x >= 0`` (a square root, in every caller)."""
     if y.dtype == torch.float64:
         return torch.atan2(y, x)
-    ay = y.abs()
-    hi, lo = torch.maximum(ay, x), torch.minimum(ay, x)
-    z = torch.where(hi == 0, 0.0, lo / hi)  # atan2(0, 0) = 0; NaN stays NaN (NaN == 0 is false)
+    swap = y.abs() > x
+    num, den = torch.where(swap, x, y), torch.where(swap, y, x)
+    z = torch.where(den == 0, num, num / den)  # atan2(+-0, 0) = +-0; NaN stays NaN (NaN == 0 is false)
     s = z * z
     # Q(s) by Horner, coefficients fitted by iteratively reweighted least squares. They are literals, not a
     # module-level tuple: torch.compile turns a float read from a global into a kernel input, which the
@@ -37,19 +40,8 @@ def atan2_nonneg(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     q = q * s - 0.14211054717300645
     q = q * s + 0.19993772776955562
     q = q * s - 0.33333152734402277
-    r = z + z * s * q
-    r = torch.where(ay > x, 1.5707963267948966 - r, r)  # pi/2 - atan(z)
-    return _copysign_nonneg(r, y)
-
-
-def _copysign_nonneg(r: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``torch.copysign(r, y)`` for ``r >= 0``: y's sign bit OR-ed into r. Inductor compiles copysign to a
-    library call per vector on CPU, which spills every register of the loop around it."""
-    bits = {4: torch.int32, 2: torch.int16}.get(r.element_size())
-    if bits is None or y.dtype != r.dtype:
-        return torch.copysign(r, y)
-    sign_bit = -(1 << (8 * r.element_size() - 1))
-    return (r.view(bits) | (y.view(bits) & sign_bit)).view(r.dtype)
+    r = torch.where(s == 0, z, z + z * s * q)  # -0 + 0 would be +0; z * (1 + s*q) loses ulps near |z| = 1
+    return torch.where(swap, torch.where(y < 0, -1.5707963267948966, 1.5707963267948966) - r, r)
 
 
 def atan2(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

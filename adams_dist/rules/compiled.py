@@ -182,7 +182,7 @@ def _widen_lowp_loops_in_builds() -> None:
             return None
         blocks = [block for body in bodies for block in (body.root_block, *body.subblocks.values())]
         if any(n.target == "to_dtype_bitcast" for block in blocks for n in block.graph.nodes):
-            return None  # bit casts (the atan2 rules' sign) become scalar loops at that width
+            return None  # bit casts (the 8-bit quantizer's bucket and sign) become scalar loops at that width
         wide = isa.nelements(dtype=lowp.pop())
         sizes = max(var_sizes_list, key=lambda s: len(s[0]))[0]
         if virtualized.V.graph.sizevars.optimization_hint(sizes[indices[0]], fallback=0) < wide:

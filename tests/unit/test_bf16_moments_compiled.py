@@ -1,9 +1,11 @@
 """``moment_dtype=torch.bfloat16`` under ``kernel="compiled"``: the fused kernels widen the stored moments, update
 and round them back in one pass, against the eager bf16 path (which test_rules_reference.py checks against the
-float64 reference); and, in kernels without bit casts (AdamW's), their loops step by a whole bf16 vector
-(rules/compiled.py)."""
+float64 reference); and their loops step by a whole bf16 vector (rules/compiled.py), the atan2 rules' included
+(their sign comes without bit casts, which would keep the loops narrow)."""
 
 from __future__ import annotations
+
+import types
 
 import pytest
 import torch
@@ -56,7 +58,8 @@ def test_compiled_bf16_moments_in_float32_stay_within_a_rounding_of_the_eager_pa
 
 
 @needs_compiler
-def test_bf16_moment_kernels_step_a_whole_bf16_vector_and_no_other_kernel_changes(monkeypatch) -> None:
+@pytest.mark.parametrize("rule", ["adamw", "adams"])
+def test_bf16_moment_kernels_step_a_whole_bf16_vector_and_no_other_kernel_changes(rule: str, monkeypatch) -> None:
     """Inductor would step these loops by a float32 vector and move the bf16 moments in half vectors (2-3x
     slower); ours step by a bf16 vector. A kernel compiled outside ours keeps inductor's own choice."""
     from torch._inductor.codegen import cpp
@@ -75,7 +78,7 @@ def test_bf16_moment_kernels_step_a_whole_bf16_vector_and_no_other_kernel_change
 
     monkeypatch.setattr(cpp.TilingSelect, "select_tiling", spy)
     monkeypatch.setattr(compiled, "_compiled_cache", {})  # build afresh, so that the code is generated here
-    _train("adamw", "compiled", torch.float32, steps=1)
+    _train(rule, "compiled", torch.float32, steps=1)
     wide = isa.nelements(dtype=torch.bfloat16)
     assert (True, [wide]) in seen, seen
 
@@ -86,6 +89,8 @@ def test_bf16_moment_kernels_step_a_whole_bf16_vector_and_no_other_kernel_change
 
     seen.clear()
     n = 1 << 16
+    # a code object of its own: the other parametrization's compile of it would be reused without codegen
+    user_update = types.FunctionType(user_update.__code__.replace(), globals())
     torch.compile(user_update, dynamic=True, options={"fx_graph_cache": False})(
         torch.zeros(n), torch.ones(n), torch.zeros(n, dtype=torch.bfloat16))
     assert seen and all(not mine and factors != [wide] for mine, factors in seen), seen
