@@ -40,7 +40,12 @@ def _train(model: nn.Module, opt: Any, steps: range, rank: int, world: int) -> N
     for step in steps:
         x = torch.randn(12, n_in, generator=torch.Generator().manual_seed(step))
         n = 12 // world
-        model(x[rank * n: (rank + 1) * n]).square().mean().backward()
+        # One process sums the two half-batch gradients of the W=2 ranks, as their all-reduce does, so that the
+        # runs compared match bit for bit: a full-batch backward rounds differently (on some hosts' matmul
+        # kernels), and an 8-bit moment near a code midpoint turns that rounding into a different code.
+        parts = 2 if world == 1 else 1
+        for half in x[rank * n: (rank + 1) * n].chunk(parts):
+            (model(half).square().mean() / parts).backward()
         opt.step()
         opt.zero_grad()
 
